@@ -1,0 +1,68 @@
+//! Dump and restore of each fixture, in both widths. Each fixture checks its
+//! own state after restore against what it recorded before the dump; the
+//! `*_detached` variants also compare /proc/PID from outside.
+
+#[macro_use]
+mod common;
+
+use common::{Fixture, ProcView, kill, round_trip, round_trip_detached};
+
+both_widths!(memory, |w| round_trip("memory", w, &[]));
+both_widths!(memory_detached, |w| {
+    round_trip_detached("memory", w, &[])
+});
+both_widths!(registers, |w| round_trip("registers", w, &[]));
+both_widths!(signals, |w| round_trip("signals", w, &[]));
+both_widths!(signals_detached, |w| {
+    round_trip_detached("signals", w, &[])
+});
+both_widths!(files, |w| round_trip("files", w, &[]));
+both_widths!(files_detached, |w| round_trip_detached("files", w, &[]));
+both_widths!(ldt, |w| round_trip("ldt", w, &[]));
+both_widths!(modeswitch, |w| round_trip("modeswitch", w, &[]));
+both_widths!(modeswitch_detached, |w| {
+    round_trip_detached("modeswitch", w, &[])
+});
+
+/// Starts the syscall fixture in `mode` and dumps it once it sleeps in the
+/// kernel.
+fn dump_while_asleep(w: common::Width, mode: &str) -> Fixture {
+    let mut fx = Fixture::start("syscall", w, &[mode]);
+    let asleep = common::wait_for(std::time::Duration::from_secs(5), || {
+        common::proc_state(fx.pid) == Some('S')
+    });
+    assert!(asleep, "the fixture never went to sleep in {mode}");
+    fx.dump(&[]);
+    fx
+}
+
+fn syscall_round_trip(w: common::Width, mode: &str) {
+    let mut fx = dump_while_asleep(w, mode);
+    fx.restore();
+    fx.go();
+    fx.expect_pass();
+}
+
+both_widths!(syscall_nanosleep, |w| syscall_round_trip(w, "nanosleep"));
+both_widths!(syscall_ppoll, |w| syscall_round_trip(w, "ppoll"));
+both_widths!(syscall_usleep, |w| syscall_round_trip(w, "usleep"));
+
+// sigsuspend waits for a signal, which can only be sent once the restored
+// process exists: restore with -d, compare it from outside, then signal it.
+both_widths!(syscall_sigsuspend, |w| {
+    let mut fx = Fixture::start("syscall", w, &["sigsuspend"]);
+    assert!(
+        common::wait_for(std::time::Duration::from_secs(5), || {
+            common::proc_state(fx.pid) == Some('S')
+        }),
+        "the fixture never went to sleep in sigsuspend"
+    );
+    let before = ProcView::take(fx.pid);
+    fx.dump(&[]);
+    fx.restore_detached();
+    // The mask that sigsuspend installed while waiting must be back too.
+    before.assert_same(&ProcView::take(fx.pid));
+    fx.go();
+    kill(fx.pid, libc::SIGUSR1);
+    fx.expect_pass();
+});
