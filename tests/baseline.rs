@@ -9,7 +9,11 @@ use common::baseline;
 both_widths!(memory, |w| baseline("memory", w, &[]));
 both_widths!(registers, |w| baseline("registers", w, &[]));
 both_widths!(signals, |w| baseline("signals", w, &[]));
-both_widths!(syscall_nanosleep, |w| baseline("syscall", w, &["nanosleep"]));
+both_widths!(syscall_nanosleep, |w| baseline(
+    "syscall",
+    w,
+    &["nanosleep"]
+));
 both_widths!(syscall_ppoll, |w| baseline("syscall", w, &["ppoll"]));
 both_widths!(syscall_usleep, |w| baseline("syscall", w, &["usleep"]));
 both_widths!(syscall_sigsuspend, |w| {

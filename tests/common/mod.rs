@@ -200,7 +200,11 @@ pub fn assert_running_untraced(pid: u32) {
             !state.starts_with('T') && !state.starts_with('t') && !state.starts_with('Z'),
             "thread {tid} of {pid} is in state {state} after the failed dump"
         );
-        assert_eq!(get("TracerPid:"), "0", "thread {tid} of {pid} is still traced");
+        assert_eq!(
+            get("TracerPid:"),
+            "0",
+            "thread {tid} of {pid} is still traced"
+        );
     }
 }
 
@@ -296,7 +300,11 @@ impl ToolRun {
             "expected a non-zero exit, got: {}",
             self.describe()
         );
-        let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
         assert_eq!(
             lines.len(),
             1,
@@ -683,7 +691,14 @@ pub struct ProcView {
 }
 
 const STATUS_FIELDS: &[&str] = &[
-    "Umask", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt", "NoNewPrivs", "Seccomp",
+    "Umask",
+    "SigPnd",
+    "ShdPnd",
+    "SigBlk",
+    "SigIgn",
+    "SigCgt",
+    "NoNewPrivs",
+    "Seccomp",
 ];
 
 impl ProcView {
