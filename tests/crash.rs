@@ -66,8 +66,7 @@ fn crash(w: Width, how: &str, signal: i32, dump: bool) {
     let _pattern = match CorePattern::set_up() {
         Ok(p) => p,
         Err(why) => {
-            println!("skipped: {why}");
-            eprintln!("skipped: {why}");
+            common::skip(&why);
             return;
         }
     };

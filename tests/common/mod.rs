@@ -787,3 +787,9 @@ pub fn write_file(path: &Path, text: &str) {
     let mut f = File::create(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
 }
+
+/// Reports a check that cannot run here. Written straight to stderr (which
+/// the test runner does not capture) so that scripts/test.sh lists it.
+pub fn skip(reason: &str) {
+    let _ = writeln!(std::io::stderr(), "skipped: {reason}");
+}
