@@ -1,0 +1,160 @@
+//! Freezing a task with ptrace and, whatever happens, letting it go as it
+//! was: `Frozen` detaches on drop, putting back the registers and signal
+//! mask it was found with (with syscall restart applied, since the task will
+//! not pass through the kernel's own restart path again).
+
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::arch::{Regs, Resume};
+use crate::error::{Error, Result};
+use crate::sys::{self, Pid};
+
+const PTRACE_EVENT_STOP: i32 = 128;
+
+pub struct Frozen {
+    pid: Pid,
+    since: Instant,
+    /// Registers and mask to write back before the task runs again, once
+    /// injected code has touched them.
+    resume: Option<(Regs, u64)>,
+    done: bool,
+}
+
+impl Frozen {
+    /// Seizes and interrupts `pid`, waiting until it is in a ptrace-stop.
+    pub fn new(pid: Pid) -> Result<Frozen> {
+        sys::ptrace_seize(pid, sys::PTRACE_O_TRACESYSGOOD).map_err(|source| {
+            let tracer = crate::proc::process(pid)
+                .ok()
+                .and_then(|p| p.status().ok())
+                .map(|s| s.tracerpid)
+                .unwrap_or(0);
+            if tracer != 0 {
+                Error::Dump {
+                    pid,
+                    problem: format!("cannot freeze it: it is already traced by pid {tracer}"),
+                }
+            } else {
+                Error::Ptrace {
+                    request: "PTRACE_SEIZE",
+                    pid,
+                    source,
+                }
+            }
+        })?;
+        let frozen = Frozen {
+            pid,
+            since: Instant::now(),
+            resume: None,
+            done: false,
+        };
+        sys::ptrace_interrupt(pid).map_err(|source| Error::Ptrace {
+            request: "PTRACE_INTERRUPT",
+            pid,
+            source,
+        })?;
+        loop {
+            let status = sys::waitpid(pid, 0).map_err(|source| Error::Sys {
+                call: "waitpid",
+                pid,
+                source,
+            })?;
+            if !libc::WIFSTOPPED(status) {
+                return Err(Error::UnexpectedStop {
+                    pid,
+                    doing: "freezing",
+                    status,
+                });
+            }
+            if status >> 16 == PTRACE_EVENT_STOP {
+                break;
+            }
+            // A signal arrived before our interrupt: hand it back and wait on.
+            let sig = libc::WSTOPSIG(status);
+            debug!(%pid, sig, "signal-delivery-stop while freezing; passing it on");
+            sys::ptrace_syscall(pid, 0)
+                .and_then(|_| sys::kill(pid, sig))
+                .and_then(|_| sys::ptrace_interrupt(pid))
+                .map_err(|source| Error::Ptrace {
+                    request: "PTRACE_INTERRUPT",
+                    pid,
+                    source,
+                })?;
+        }
+        debug!(%pid, "frozen");
+        Ok(frozen)
+    }
+
+    /// Remembers what to write back before the task runs again.
+    pub fn set_resume_state(&mut self, regs: Regs, mask: u64) {
+        self.resume = Some((regs.with_restart_applied(Resume::Live), mask));
+    }
+
+    /// Lets the task run on, as it was.
+    pub fn release(mut self) -> Result<Duration> {
+        self.done = true;
+        self.put_back()?;
+        sys::ptrace_detach(self.pid, 0).map_err(|source| Error::Ptrace {
+            request: "PTRACE_DETACH",
+            pid: self.pid,
+            source,
+        })?;
+        Ok(self.since.elapsed())
+    }
+
+    /// Kills the task (after a complete dump) and waits until it is dead.
+    pub fn kill(mut self) -> Result<Duration> {
+        self.done = true;
+        let pid = self.pid;
+        sys::kill(pid, libc::SIGKILL).map_err(|source| Error::Sys {
+            call: "kill(SIGKILL)",
+            pid,
+            source,
+        })?;
+        let frozen = self.since.elapsed();
+        // As its tracer we hear of its death; its parent reaps it.
+        loop {
+            match sys::waitpid(pid, 0) {
+                Ok(st) if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) => break,
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        Ok(frozen)
+    }
+
+    fn put_back(&mut self) -> Result<()> {
+        if let Some((regs, mask)) = self.resume.take() {
+            let pid = self.pid;
+            sys::ptrace_setregs(pid, &regs).map_err(|source| Error::Ptrace {
+                request: "PTRACE_SETREGS",
+                pid,
+                source,
+            })?;
+            sys::ptrace_set_sigmask(pid, mask).map_err(|source| Error::Ptrace {
+                request: "PTRACE_SETSIGMASK",
+                pid,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Err(e) = self.put_back() {
+            warn!(pid = %self.pid, "could not restore registers before letting go: {e}");
+        }
+        if let Err(e) = sys::ptrace_detach(self.pid, 0) {
+            warn!(pid = %self.pid, "PTRACE_DETACH failed: {e}");
+        } else {
+            debug!(pid = %self.pid, "released after failure");
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! The saved state of a process, as plain data. Every field is something the
+//! restorer puts back; nothing here refers to the live task.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::{Abi, Regs};
+use crate::sys::{Pid, UserDesc};
+
+/// `inventory.img`: what the image holds. Written last, so its presence
+/// means the dump completed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Inventory {
+    pub tool_version: String,
+    pub kernel_release: String,
+    pub root_pid: Pid,
+    pub tasks: Vec<Pid>,
+    /// Seconds since the epoch when the tree was frozen.
+    pub dumped_at: u64,
+}
+
+/// `task-PID.img`: everything about one single-threaded process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskImage {
+    pub pid: Pid,
+    pub comm: String,
+    pub abi: Abi,
+    pub core: CoreState,
+    pub signals: SignalState,
+    pub mm: MmState,
+    pub vmas: Vec<Vma>,
+    pub pages: Vec<PageRun>,
+    /// Total pages in `pages-PID.img` after its header page.
+    pub page_count: u64,
+    pub files: FileState,
+    pub rlimits: Vec<Rlimit>,
+    pub personality: u32,
+}
+
+/// CPU state of the thread.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CoreState {
+    /// Registers as read, before any syscall-restart adjustment.
+    pub regs: Regs,
+    /// XSAVE area (x87, SSE, AVX...) in this CPU's layout.
+    #[serde(with = "hex_bytes")]
+    pub xstate: Vec<u8>,
+    /// The three GDT TLS slots (entries 12-14); empty ones are kept too.
+    pub tls: Vec<UserDesc>,
+    /// Entries of the process LDT that are in use.
+    pub ldt: Vec<UserDesc>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SignalState {
+    /// Actions that are not SIG_DFL.
+    pub actions: Vec<SigAction>,
+    pub blocked: u64,
+    /// Queued on the thread, oldest first (64-bit siginfo layout).
+    pub pending_thread: Vec<SigInfo>,
+    /// Queued on the process, oldest first.
+    pub pending_process: Vec<SigInfo>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    pub signo: u32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigInfo {
+    pub signo: u32,
+    #[serde(with = "hex_bytes")]
+    pub raw: Vec<u8>,
+}
+
+/// The mm fields that PR_SET_MM_MAP sets.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MmState {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    /// Raw bytes of /proc/PID/auxv, in the task's own word size.
+    #[serde(with = "hex_bytes")]
+    pub auxv: Vec<u8>,
+    pub exe: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prot {
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+}
+
+impl Prot {
+    pub fn bits(self) -> u64 {
+        let bit = |on: bool, b: i32| if on { b as u64 } else { 0 };
+        bit(self.read, libc::PROT_READ)
+            | bit(self.write, libc::PROT_WRITE)
+            | bit(self.exec, libc::PROT_EXEC)
+    }
+}
+
+/// What backs a mapping.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum VmaKind {
+    /// Private anonymous memory (heap, stack, bss, malloc arenas).
+    Anon,
+    /// MAP_SHARED|MAP_ANONYMOUS memory.
+    SharedAnon,
+    /// A file mapping; `offset` in bytes.
+    File {
+        path: PathBuf,
+        offset: u64,
+        dev: (i32, i32),
+        inode: u64,
+    },
+    /// `[vvar]`, `[vvar_vclock]` and `[vdso]`: recreated by the kernel.
+    Vdso { name: String },
+    /// `[vsyscall]`: present in every 64-bit exec'd task, never restored.
+    Vsyscall,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub prot: Prot,
+    pub shared: bool,
+    pub growsdown: bool,
+    pub kind: VmaKind,
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// Whether the restorer creates this mapping itself.
+    pub fn is_restored(&self) -> bool {
+        !matches!(self.kind, VmaKind::Vdso { .. } | VmaKind::Vsyscall)
+    }
+}
+
+/// A run of consecutive pages saved in the pages file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    pub addr: u64,
+    pub pages: u64,
+    /// Index of the first page in the pages file (after its header page).
+    pub first: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FileState {
+    pub fds: Vec<Fd>,
+    pub cwd: PathBuf,
+    pub root: PathBuf,
+    pub umask: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FdKind {
+    Regular,
+    Directory,
+    CharDevice,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Fd {
+    pub fd: i32,
+    pub kind: FdKind,
+    pub path: PathBuf,
+    /// Open flags as in fdinfo, O_CLOEXEC included.
+    pub flags: u32,
+    pub pos: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Hex strings for byte blobs, so that `cryopod show` stays readable.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            out.push_str(&format!("{b:02x}"));
+        }
+        s.serialize_str(&out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 2 != 0 {
+            return Err(D::Error::custom("odd-length hex string"));
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(D::Error::custom))
+            .collect()
+    }
+}

@@ -1,0 +1,299 @@
+//! Rebuilding the address space: parking, clearing the stub, the vDSO,
+//! every mapping at its address, page contents, final protections.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+
+use tracing::debug;
+
+use crate::arch::{Abi, nr};
+use crate::dump::memory::progress;
+use crate::error::{Error, Result};
+use crate::image::{PAGE_SIZE, TaskImage, Vma, VmaKind};
+use crate::sys::{self, FileMap, Pid, Transfer};
+
+use super::{Builder, PARK_LEN, stub};
+
+const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+const ARCH_MAP_VDSO_32: u64 = 0x2002;
+const ARCH_MAP_VDSO_64: u64 = 0x2003;
+
+/// Current mappings of a task as (start, end, name) triples.
+fn current_ranges(pid: Pid) -> Result<Vec<(u64, u64, String)>> {
+    let path = format!("/proc/{pid}/maps");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::proc(&path, e))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let (range, rest) = l.split_once(' ')?;
+            let (a, b) = range.split_once('-')?;
+            let name = rest.split_whitespace().nth(4).unwrap_or("").to_string();
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+                name,
+            ))
+        })
+        .collect())
+}
+
+/// A hole below 4 GiB that neither the dumped task nor the stub uses.
+pub fn parking_address(task: &TaskImage, pid: Pid) -> Result<u64> {
+    let mut used: Vec<(u64, u64)> = task.vmas.iter().map(|v| (v.start, v.end)).collect();
+    used.extend(current_ranges(pid)?.into_iter().map(|(a, b, _)| (a, b)));
+    crate::proc::find_hole(&mut used, PARK_LEN).ok_or_else(|| Error::Restore {
+        pid,
+        problem: format!("no free {PARK_LEN:#x} bytes below 4 GiB for the restorer's parking page"),
+    })
+}
+
+/// Maps the parking area and moves the injection code there.
+pub fn park(b: &mut Builder) -> Result<()> {
+    let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | MAP_FIXED_NOREPLACE;
+    let got = b.inj.call(
+        "mmap",
+        nr::x86_64::MMAP,
+        [b.park, PARK_LEN, prot, flags, u64::MAX, 0],
+        || format!("parking area at {:#x}", b.park),
+    )?;
+    if got != b.park {
+        return Err(Error::Restore {
+            pid: b.pid,
+            problem: format!("parking area landed at {got:#x}, not {:#x}", b.park),
+        });
+    }
+    sys::write_remote(b.pid, b.park, &stub::CODE).map_err(|source| Error::Sys {
+        call: "process_vm_writev(parking code)",
+        pid: b.pid,
+        source,
+    })?;
+    b.inj
+        .set_code(b.park + stub::SYSCALL_OFF, Some(b.park + stub::INT80_OFF));
+    debug!(pid = %b.pid, park = format!("{:#x}", b.park), "parked");
+    Ok(())
+}
+
+/// Unmaps everything the stub's exec made (its image, stack, vDSO), but the
+/// `[vsyscall]` page, which cannot be unmapped and which the dumped task had
+/// too if it is 64-bit.
+pub fn clear_stub(b: &Builder) -> Result<()> {
+    for (start, end, name) in current_ranges(b.pid)? {
+        if start == b.park || name == "[vsyscall]" {
+            continue;
+        }
+        b.inj.call(
+            "munmap",
+            nr::x86_64::MUNMAP,
+            [start, end - start, 0, 0, 0, 0],
+            || format!("stub mapping {start:#x}-{end:#x} {name}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Maps a fresh vDSO of the task's width where the dumped one was.
+pub fn map_vdso(b: &Builder) -> Result<()> {
+    let vdso: Vec<&Vma> = b
+        .task
+        .vmas
+        .iter()
+        .filter(|v| matches!(v.kind, VmaKind::Vdso { .. }))
+        .collect();
+    let Some(first) = vdso.first() else {
+        return Ok(());
+    };
+    let op = match b.task.abi {
+        Abi::X86_64 => ARCH_MAP_VDSO_64,
+        Abi::Ia32 => ARCH_MAP_VDSO_32,
+    };
+    b.inj.call(
+        "arch_prctl(ARCH_MAP_VDSO)",
+        nr::x86_64::ARCH_PRCTL,
+        [op, first.start, 0, 0, 0, 0],
+        || format!("vDSO at {:#x}", first.start),
+    )?;
+    let now: Vec<(u64, u64, String)> = current_ranges(b.pid)?
+        .into_iter()
+        .filter(|(_, _, n)| n.starts_with("[vdso") || n.starts_with("[vvar"))
+        .collect();
+    for v in &vdso {
+        let VmaKind::Vdso { name } = &v.kind else {
+            continue;
+        };
+        if !now
+            .iter()
+            .any(|(s, e, n)| *s == v.start && *e == v.end && n == name)
+        {
+            return Err(Error::Restore {
+                pid: b.pid,
+                problem: format!(
+                    "this kernel's vDSO layout differs from the image's ({name} at {:#x}-{:#x}; now {now:x?})",
+                    v.start, v.end
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A mapping as made, before its final protection is set.
+pub struct Made {
+    start: u64,
+    len: u64,
+    now: u64,
+    want: u64,
+}
+
+/// Makes every mapping of the image at its address. Private mappings are
+/// made writable for the page copy; `protect` sets the real protection.
+pub fn map_all(b: &Builder) -> Result<Vec<Made>> {
+    let mut fds: HashMap<(PathBuf, bool), u64> = HashMap::new();
+    let mut made = Vec::new();
+    let result = (|| {
+        for v in b.task.vmas.iter().filter(|v| v.is_restored()) {
+            made.push(map_one(b, v, &mut fds)?);
+        }
+        Ok(())
+    })();
+    for fd in fds.into_values() {
+        b.close(fd)?;
+    }
+    result.map(|()| made)
+}
+
+fn map_one(b: &Builder, v: &Vma, fds: &mut HashMap<(PathBuf, bool), u64>) -> Result<Made> {
+    let want = v.prot.bits();
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let mut flags = MAP_FIXED_NOREPLACE;
+    if v.growsdown {
+        flags |= libc::MAP_GROWSDOWN as u64;
+    }
+    let (now, fd, offset) = match &v.kind {
+        VmaKind::Anon => {
+            flags |= (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+            (want | rw, u64::MAX, 0)
+        }
+        VmaKind::SharedAnon => {
+            flags |= (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
+            (want | rw, u64::MAX, 0)
+        }
+        VmaKind::File { path, offset, .. } => {
+            let writable_shared = v.shared && v.prot.write;
+            let fd = match fds.get(&(path.clone(), writable_shared)) {
+                Some(fd) => *fd,
+                None => {
+                    let mode = if writable_shared {
+                        libc::O_RDWR
+                    } else {
+                        libc::O_RDONLY
+                    };
+                    let fd = b.open(path, (mode | libc::O_CLOEXEC) as u32)?;
+                    fds.insert((path.clone(), writable_shared), fd);
+                    fd
+                }
+            };
+            if v.shared {
+                flags |= libc::MAP_SHARED as u64;
+                (want, fd, *offset)
+            } else {
+                flags |= libc::MAP_PRIVATE as u64;
+                (want | rw, fd, *offset)
+            }
+        }
+        VmaKind::Vdso { .. } | VmaKind::Vsyscall => unreachable!("filtered by is_restored"),
+    };
+    let got = b.inj.call(
+        "mmap",
+        nr::x86_64::MMAP,
+        [v.start, v.len(), now, flags, fd, offset],
+        || format!("{:#x}-{:#x} {:?}", v.start, v.end, v.kind),
+    )?;
+    if got != v.start {
+        return Err(Error::Restore {
+            pid: b.pid,
+            problem: format!("mapping for {:#x} landed at {got:#x}", v.start),
+        });
+    }
+    Ok(Made {
+        start: v.start,
+        len: v.len(),
+        now,
+        want,
+    })
+}
+
+/// Copies the saved pages into place with `process_vm_writev` straight from
+/// a mapping of the pages file: one copy per page.
+pub fn fill_pages(b: &Builder, pages: &File) -> Result<()> {
+    let task = b.task;
+    if task.page_count == 0 {
+        return Ok(());
+    }
+    let len = (PAGE_SIZE * (1 + task.page_count)) as usize;
+    let map = FileMap::new(pages, len, false).map_err(|source| Error::Local {
+        call: "mmap(pages file)",
+        source,
+    })?;
+    let bar = progress(task.page_count * PAGE_SIZE);
+    const CHUNK: usize = 64 << 20;
+    let mut batch = Vec::new();
+    let mut bytes = 0usize;
+    for run in &task.pages {
+        let offset = ((1 + run.first) * PAGE_SIZE) as usize;
+        let n = (run.pages * PAGE_SIZE) as usize;
+        // read_task checked that every run lies inside the pages file.
+        batch.push(Transfer {
+            remote: run.addr,
+            local: map.ptr().wrapping_add(offset),
+            len: n,
+        });
+        bytes += n;
+        if bytes >= CHUNK {
+            write_batch(b.pid, &batch, bytes)?;
+            bar.inc(bytes as u64);
+            batch.clear();
+            bytes = 0;
+        }
+    }
+    write_batch(b.pid, &batch, bytes)?;
+    bar.finish_and_clear();
+    debug!(pid = %b.pid, pages = task.page_count, "pages copied in");
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn write_batch(pid: Pid, batch: &[Transfer], bytes: usize) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: every local pointer lies inside the live read-only FileMap of
+    // the pages file (runs were validated against its size); writev only
+    // reads from them.
+    let n = unsafe { sys::process_vm(pid, batch, true) }.map_err(|source| Error::Sys {
+        call: "process_vm_writev(pages)",
+        pid,
+        source,
+    })?;
+    if n != bytes {
+        return Err(Error::Restore {
+            pid,
+            problem: format!("process_vm_writev wrote {n} of {bytes} bytes"),
+        });
+    }
+    Ok(())
+}
+
+/// Sets every mapping's dumped protection.
+pub fn protect(b: &Builder, made: &[Made]) -> Result<()> {
+    for m in made.iter().filter(|m| m.now != m.want) {
+        b.inj.call(
+            "mprotect",
+            nr::x86_64::MPROTECT,
+            [m.start, m.len, m.want, 0, 0, 0],
+            || format!("{:#x}+{:#x} to {:#x}", m.start, m.len, m.want),
+        )?;
+    }
+    Ok(())
+}

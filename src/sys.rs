@@ -1,0 +1,555 @@
+//! The kernel-facing layer: every raw syscall cryopod makes on its own behalf
+//! (ptrace, waitpid, process_vm_*, clone3, memfd, mmap of image files) lives
+//! here, and so does all of the crate's `unsafe`. Each wrapper names the
+//! syscall it makes and returns `io::Error` with the errno; callers add the
+//! context (pid, address, path).
+
+#![allow(unsafe_code)]
+
+use std::ffi::CStr;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::Regs;
+
+/// A process or thread id in cryopod's pid namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Pid(pub i32);
+
+impl fmt::Display for Pid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+pub const PTRACE_O_TRACESYSGOOD: u64 = 1;
+pub const PTRACE_O_EXITKILL: u64 = 0x10_0000;
+const PTRACE_SEIZE: u32 = 0x4206;
+const PTRACE_INTERRUPT: u32 = 0x4207;
+const PTRACE_GETREGSET: u32 = 0x4204;
+const PTRACE_SETREGSET: u32 = 0x4205;
+const PTRACE_PEEKSIGINFO: u32 = 0x4209;
+const PTRACE_GETSIGMASK: u32 = 0x420a;
+const PTRACE_SETSIGMASK: u32 = 0x420b;
+const PTRACE_GET_THREAD_AREA: u32 = 25;
+const PTRACE_SET_THREAD_AREA: u32 = 26;
+const NT_X86_XSTATE: usize = 0x202;
+/// Largest xstate buffer we offer the kernel; it trims to the CPU's size.
+const XSTATE_MAX: usize = 16 * 1024;
+
+/// # Safety
+/// `addr` and `data` must be valid for the request as the kernel reads them.
+unsafe fn ptrace_raw(req: u32, pid: Pid, addr: usize, data: usize) -> io::Result<libc::c_long> {
+    // SAFETY: the caller guarantees addr/data fit the request.
+    check(unsafe { libc::ptrace(req as _, pid.0, addr, data) })
+}
+
+/// `ptrace(PTRACE_SEIZE)`: attach without stopping.
+pub fn ptrace_seize(pid: Pid, options: u64) -> io::Result<()> {
+    // SAFETY: SEIZE takes no pointers; data is the option bits.
+    unsafe { ptrace_raw(PTRACE_SEIZE, pid, 0, options as usize) }.map(drop)
+}
+
+/// `ptrace(PTRACE_INTERRUPT)`: stop a seized tracee.
+pub fn ptrace_interrupt(pid: Pid) -> io::Result<()> {
+    // SAFETY: no pointers.
+    unsafe { ptrace_raw(PTRACE_INTERRUPT, pid, 0, 0) }.map(drop)
+}
+
+/// `ptrace(PTRACE_SETOPTIONS)`.
+pub fn ptrace_setoptions(pid: Pid, options: u64) -> io::Result<()> {
+    // SAFETY: no pointers; data is the option bits.
+    unsafe { ptrace_raw(libc::PTRACE_SETOPTIONS, pid, 0, options as usize) }.map(drop)
+}
+
+/// `ptrace(PTRACE_SYSCALL)`: resume until the next syscall entry or exit.
+pub fn ptrace_syscall(pid: Pid, sig: i32) -> io::Result<()> {
+    // SAFETY: no pointers; data is a signal number.
+    unsafe { ptrace_raw(libc::PTRACE_SYSCALL, pid, 0, sig as usize) }.map(drop)
+}
+
+/// `ptrace(PTRACE_DETACH)`.
+pub fn ptrace_detach(pid: Pid, sig: i32) -> io::Result<()> {
+    // SAFETY: no pointers; data is a signal number.
+    unsafe { ptrace_raw(libc::PTRACE_DETACH, pid, 0, sig as usize) }.map(drop)
+}
+
+/// `ptrace(PTRACE_GETREGS)`: the 64-bit register file, whatever the mode.
+pub fn ptrace_getregs(pid: Pid) -> io::Result<Regs> {
+    let mut regs = Regs::default();
+    // SAFETY: Regs has the layout of user_regs_struct and lives for the call.
+    unsafe {
+        ptrace_raw(
+            libc::PTRACE_GETREGS,
+            pid,
+            0,
+            &mut regs as *mut Regs as usize,
+        )
+    }?;
+    Ok(regs)
+}
+
+/// `ptrace(PTRACE_SETREGS)`.
+pub fn ptrace_setregs(pid: Pid, regs: &Regs) -> io::Result<()> {
+    // SAFETY: Regs has the layout of user_regs_struct; the kernel only reads it.
+    unsafe { ptrace_raw(libc::PTRACE_SETREGS, pid, 0, regs as *const Regs as usize) }.map(drop)
+}
+
+/// `ptrace(PTRACE_GETREGSET, NT_X86_XSTATE)`: FPU, SSE, AVX and the rest, in
+/// the XSAVE layout of this CPU.
+pub fn ptrace_get_xstate(pid: Pid) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: iov describes `buf`, which outlives the call; the kernel updates iov_len.
+    unsafe {
+        ptrace_raw(
+            PTRACE_GETREGSET,
+            pid,
+            NT_X86_XSTATE,
+            &mut iov as *mut _ as usize,
+        )
+    }?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+/// `ptrace(PTRACE_SETREGSET, NT_X86_XSTATE)`.
+pub fn ptrace_set_xstate(pid: Pid, xstate: &[u8]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: xstate.as_ptr() as *mut _,
+        iov_len: xstate.len(),
+    };
+    // SAFETY: iov describes `xstate`, which the kernel only reads.
+    unsafe {
+        ptrace_raw(
+            PTRACE_SETREGSET,
+            pid,
+            NT_X86_XSTATE,
+            &mut iov as *mut _ as usize,
+        )
+    }
+    .map(drop)
+}
+
+/// `struct user_desc`, the argument of set_thread_area and modify_ldt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDesc {
+    pub entry_number: u32,
+    pub base_addr: u32,
+    pub limit: u32,
+    /// seg_32bit:1 contents:2 read_exec_only:1 limit_in_pages:1
+    /// seg_not_present:1 useable:1 lm:1
+    pub flags: u32,
+}
+
+impl UserDesc {
+    pub fn as_bytes(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[0..4].copy_from_slice(&self.entry_number.to_le_bytes());
+        out[4..8].copy_from_slice(&self.base_addr.to_le_bytes());
+        out[8..12].copy_from_slice(&self.limit.to_le_bytes());
+        out[12..16].copy_from_slice(&self.flags.to_le_bytes());
+        out
+    }
+}
+
+/// `ptrace(PTRACE_GET_THREAD_AREA)` for one GDT TLS slot.
+pub fn ptrace_get_thread_area(pid: Pid, entry: u32) -> io::Result<UserDesc> {
+    let mut desc = UserDesc::default();
+    // SAFETY: UserDesc has the layout of struct user_desc and outlives the call.
+    unsafe {
+        ptrace_raw(
+            PTRACE_GET_THREAD_AREA,
+            pid,
+            entry as usize,
+            &mut desc as *mut _ as usize,
+        )
+    }?;
+    Ok(desc)
+}
+
+/// `ptrace(PTRACE_SET_THREAD_AREA)` for one GDT TLS slot.
+pub fn ptrace_set_thread_area(pid: Pid, desc: &UserDesc) -> io::Result<()> {
+    // SAFETY: UserDesc has the layout of struct user_desc; read only.
+    unsafe {
+        ptrace_raw(
+            PTRACE_SET_THREAD_AREA,
+            pid,
+            desc.entry_number as usize,
+            desc as *const _ as usize,
+        )
+    }
+    .map(drop)
+}
+
+/// `ptrace(PTRACE_GETSIGMASK)`.
+pub fn ptrace_get_sigmask(pid: Pid) -> io::Result<u64> {
+    let mut mask = 0u64;
+    // SAFETY: addr is the mask size, data points at 8 writable bytes.
+    unsafe { ptrace_raw(PTRACE_GETSIGMASK, pid, 8, &mut mask as *mut u64 as usize) }?;
+    Ok(mask)
+}
+
+/// `ptrace(PTRACE_SETSIGMASK)`.
+pub fn ptrace_set_sigmask(pid: Pid, mask: u64) -> io::Result<()> {
+    // SAFETY: addr is the mask size, data points at 8 readable bytes.
+    unsafe { ptrace_raw(PTRACE_SETSIGMASK, pid, 8, &mask as *const u64 as usize) }.map(drop)
+}
+
+/// Size of a `siginfo_t` as the 64-bit kernel hands it out.
+pub const SIGINFO_SIZE: usize = 128;
+
+/// `ptrace(PTRACE_PEEKSIGINFO)`: every queued signal, oldest first, from the
+/// thread's own queue or (with `shared`) the process-wide one.
+pub fn ptrace_peek_siginfo(pid: Pid, shared: bool) -> io::Result<Vec<[u8; SIGINFO_SIZE]>> {
+    #[repr(C)]
+    struct PeekArgs {
+        off: u64,
+        flags: u32,
+        nr: i32,
+    }
+    const BATCH: usize = 32;
+    let mut out = Vec::new();
+    loop {
+        let mut buf = [[0u8; SIGINFO_SIZE]; BATCH];
+        let args = PeekArgs {
+            off: out.len() as u64,
+            flags: shared as u32,
+            nr: BATCH as i32,
+        };
+        // SAFETY: args is a valid ptrace_peeksiginfo_args and buf holds nr entries.
+        let n = unsafe {
+            ptrace_raw(
+                PTRACE_PEEKSIGINFO,
+                pid,
+                &args as *const _ as usize,
+                buf.as_mut_ptr() as usize,
+            )
+        }? as usize;
+        out.extend_from_slice(&buf[..n]);
+        if n < BATCH {
+            return Ok(out);
+        }
+    }
+}
+
+/// `waitpid(pid, __WALL)`; returns the raw status.
+pub fn waitpid(pid: Pid, flags: i32) -> io::Result<i32> {
+    let mut status = 0;
+    loop {
+        // SAFETY: status is a valid out pointer.
+        let r = unsafe { libc::waitpid(pid.0, &mut status, flags | libc::__WALL) };
+        if r >= 0 {
+            return Ok(status);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// `kill(pid, sig)`.
+pub fn kill(pid: Pid, sig: i32) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    check(unsafe { libc::kill(pid.0, sig) } as libc::c_long).map(drop)
+}
+
+/// Is `pid` in use (alive or a zombie)?
+pub fn pid_exists(pid: Pid) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid.0, 0) == 0 || *libc::__errno_location() != libc::ESRCH }
+}
+
+/// One contiguous piece of remote memory and the local buffer it pairs with.
+pub struct Transfer {
+    pub remote: u64,
+    pub local: *mut u8,
+    pub len: usize,
+}
+
+const IOV_BATCH: usize = 1024;
+
+/// `process_vm_readv` / `process_vm_writev` over many pieces, in batches of
+/// IOV_MAX. Returns how many bytes moved; stops early on a short transfer.
+///
+/// # Safety
+/// Every `local` pointer must be valid for `len` bytes (writable for reads).
+pub unsafe fn process_vm(pid: Pid, pieces: &[Transfer], write: bool) -> io::Result<usize> {
+    let mut total = 0usize;
+    for batch in pieces.chunks(IOV_BATCH) {
+        let local: Vec<libc::iovec> = batch
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.local.cast(),
+                iov_len: p.len,
+            })
+            .collect();
+        let remote: Vec<libc::iovec> = batch
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.remote as usize as *mut _,
+                iov_len: p.len,
+            })
+            .collect();
+        let want: usize = batch.iter().map(|p| p.len).sum();
+        // SAFETY: both iovec arrays describe `batch`; the caller vouches for the locals.
+        let n = unsafe {
+            if write {
+                libc::process_vm_writev(
+                    pid.0,
+                    local.as_ptr(),
+                    local.len() as _,
+                    remote.as_ptr(),
+                    remote.len() as _,
+                    0,
+                )
+            } else {
+                libc::process_vm_readv(
+                    pid.0,
+                    local.as_ptr(),
+                    local.len() as _,
+                    remote.as_ptr(),
+                    remote.len() as _,
+                    0,
+                )
+            }
+        };
+        let n = check(n as libc::c_long)? as usize;
+        total += n;
+        if n < want {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// Reads remote memory into a fresh buffer.
+pub fn read_remote(pid: Pid, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let piece = Transfer {
+        remote: addr,
+        local: buf.as_mut_ptr(),
+        len,
+    };
+    // SAFETY: piece.local is buf, valid and writable for len bytes.
+    let n = unsafe { process_vm(pid, &[piece], false) }?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Writes a buffer into remote memory; all of it or an error.
+pub fn write_remote(pid: Pid, addr: u64, data: &[u8]) -> io::Result<()> {
+    let piece = Transfer {
+        remote: addr,
+        local: data.as_ptr() as *mut u8,
+        len: data.len(),
+    };
+    // SAFETY: process_vm_writev only reads from piece.local, which is `data`.
+    let n = unsafe { process_vm(pid, &[piece], true) }?;
+    if n != data.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short process_vm_writev",
+        ));
+    }
+    Ok(())
+}
+
+/// `memfd_create(name, MFD_CLOEXEC)` filled with `contents`.
+pub fn memfd_with(name: &CStr, contents: &[u8]) -> io::Result<File> {
+    use std::io::Write;
+    // SAFETY: name is a valid C string.
+    let fd =
+        check(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) } as libc::c_long)?;
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    let mut file = unsafe { File::from_raw_fd(fd as RawFd) };
+    file.write_all(contents)?;
+    Ok(file)
+}
+
+/// Creates a child, with pid `pid` if given (`clone3` with `set_tid`), that
+/// asks to be traced and execs the program in `exe` (an fd, via
+/// `execveat(AT_EMPTY_PATH)`). The child stops with SIGTRAP right after the
+/// exec; if the exec fails it exits with status 127.
+pub fn spawn_traced_exec(pid: Option<Pid>, exe: &File, argv0: &CStr) -> io::Result<Pid> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let tid: libc::pid_t = pid.map_or(0, |p| p.0);
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: if pid.is_some() {
+            &tid as *const _ as u64
+        } else {
+            0
+        },
+        set_tid_size: pid.is_some() as u64,
+        ..CloneArgs::default()
+    };
+    let argv = [argv0.as_ptr(), std::ptr::null()];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let empty = c"";
+    let fd = exe.as_raw_fd();
+    // SAFETY: clone3 without CLONE_VM forks this process. The child runs only
+    // raw syscalls (no allocation, no locks) on data prepared above, then
+    // execs or exits.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: child side; see above.
+        unsafe {
+            libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0);
+            libc::syscall(
+                libc::SYS_execveat,
+                fd,
+                empty.as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+            libc::syscall(libc::SYS_exit_group, 127);
+        }
+    }
+    check(ret)?;
+    Ok(Pid(ret as i32))
+}
+
+/// A read-only (or read-write shared) mapping of a local file.
+pub struct FileMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl FileMap {
+    /// `mmap` of `len` bytes of `file` at offset 0.
+    pub fn new(file: &File, len: usize, writable: bool) -> io::Result<FileMap> {
+        if len == 0 {
+            return Ok(FileMap {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+            });
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh mapping of a file we own; the kernel picks the address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(FileMap { ptr: p.cast(), len })
+    }
+
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: ptr/len are exactly what mmap returned.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}
+
+/// `prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE)`: whether the kernel takes
+/// PR_SET_MM_MAP (CONFIG_CHECKPOINT_RESTORE), and the struct size it wants.
+pub fn prctl_mm_map_size() -> io::Result<u32> {
+    let mut size: u32 = 0;
+    // SAFETY: the kernel writes one u32 into `size`.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_SET_MM,
+            libc::PR_SET_MM_MAP_SIZE,
+            &mut size as *mut u32,
+            0,
+            0,
+        )
+    } as libc::c_long)?;
+    Ok(size)
+}
+
+/// Duplicates an fd so that it survives in an `OwnedFd`.
+pub fn dup(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a valid fd.
+    let n =
+        check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) } as libc::c_long)?;
+    // SAFETY: n is a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(n as RawFd) })
+}
+
+/// `uname().release`.
+pub fn kernel_release() -> String {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: u is a valid out pointer.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return String::from("unknown");
+    }
+    // SAFETY: release is NUL-terminated by the kernel.
+    unsafe { CStr::from_ptr(u.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Is stderr a terminal (for progress bars)?
+pub fn stderr_is_tty() -> bool {
+    // SAFETY: isatty on a constant fd.
+    unsafe { libc::isatty(2) == 1 }
+}
