@@ -161,6 +161,8 @@ pub mod nr {
         pub const MUNMAP: u64 = 11;
         pub const BRK: u64 = 12;
         pub const RT_SIGACTION: u64 = 13;
+        pub const SIGALTSTACK: u64 = 131;
+        pub const MADVISE: u64 = 28;
         pub const LSEEK: u64 = 8;
         pub const CLOSE: u64 = 3;
         pub const DUP3: u64 = 292;

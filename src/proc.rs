@@ -11,7 +11,7 @@ use procfs::process::{FDTarget, MMapPath, Process};
 
 use crate::arch::Abi;
 use crate::error::{Error, Result};
-use crate::image::{Fd, FdKind, FileState, MmState, Prot, Rlimit, Vma, VmaKind};
+use crate::image::{Fd, FdKind, FileState, MmState, Prot, Rlimit, VmFlags, Vma, VmaKind};
 use crate::sys::Pid;
 
 fn proc_path(pid: Pid, what: &str) -> PathBuf {
@@ -73,8 +73,8 @@ pub fn comm(pid: Pid) -> Result<String> {
 /// The task's mappings, classified for restore.
 pub fn vmas(pid: Pid) -> Result<Vec<Vma>> {
     let maps = process(pid)?
-        .maps()
-        .map_err(|e| procfs_err(pid, "maps", e))?;
+        .smaps()
+        .map_err(|e| procfs_err(pid, "smaps", e))?;
     let mut out = Vec::new();
     for m in maps {
         use procfs::process::MMPermissions as P;
@@ -135,11 +135,25 @@ pub fn vmas(pid: Pid) -> Result<Vec<Vma>> {
                 exec: m.perms.contains(P::EXECUTE),
             },
             shared,
-            growsdown: m.pathname == MMapPath::Stack,
+            growsdown: m.extension.vm_flags.contains(procfs::process::VmFlags::GD),
+            flags: vm_flags(m.extension.vm_flags),
             kind,
         });
     }
     Ok(out)
+}
+
+fn vm_flags(f: procfs::process::VmFlags) -> VmFlags {
+    use procfs::process::VmFlags as F;
+    VmFlags {
+        account: f.contains(F::AC),
+        noreserve: f.contains(F::NR),
+        dontdump: f.contains(F::DD),
+        dontfork: f.contains(F::DC),
+        wipeonfork: f.contains(F::WF),
+        hugepage: f.contains(F::HG),
+        nohugepage: f.contains(F::NH),
+    }
 }
 
 /// The mm fields from /proc/PID/stat, the auxv bytes and the exe link.
@@ -247,9 +261,27 @@ pub fn files(pid: Pid) -> Result<FileState> {
             path,
             flags,
             pos,
+            dup_of: None,
         });
     }
     fds.sort_by_key(|f| f.fd);
+    for i in 0..fds.len() {
+        let earlier = fds[..i]
+            .iter()
+            .filter(|e| e.dup_of.is_none() && e.path == fds[i].path);
+        for e in earlier {
+            let same =
+                crate::sys::same_open_file(pid, e.fd, fds[i].fd).map_err(|source| Error::Sys {
+                    call: "kcmp(KCMP_FILE)",
+                    pid,
+                    source,
+                })?;
+            if same {
+                fds[i].dup_of = Some(e.fd);
+                break;
+            }
+        }
+    }
     let status = p.status().map_err(|e| procfs_err(pid, "status", e))?;
     let link = |what: &str| {
         let path = proc_path(pid, what);

@@ -534,6 +534,15 @@ pub fn dup(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(n as RawFd) })
 }
 
+/// `kcmp(pid, pid, KCMP_FILE, a, b)`: do fds `a` and `b` of `pid` share one
+/// open file description?
+pub fn same_open_file(pid: Pid, a: i32, b: i32) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes only integers.
+    let r = check(unsafe { libc::syscall(libc::SYS_kcmp, pid.0, pid.0, KCMP_FILE, a, b) })?;
+    Ok(r == 0)
+}
+
 /// `uname().release`.
 pub fn kernel_release() -> String {
     // SAFETY: utsname is plain data; uname fills it.

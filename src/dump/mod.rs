@@ -12,7 +12,8 @@ use tracing::{debug, info};
 use crate::arch::nr;
 use crate::error::{Error, Result};
 use crate::image::{
-    CoreState, ImageWriter, Inventory, SigAction, SigInfo, SignalState, TaskImage, VmaKind,
+    AltStack, CoreState, ImageWriter, Inventory, SigAction, SigInfo, SignalState, TaskImage,
+    VmaKind,
 };
 use crate::inject::Injector;
 use crate::sys::{self, Pid};
@@ -37,6 +38,7 @@ const SCRATCH_LEN: u64 = 128 << 10;
 /// Bytes `modify_ldt(0)` may return: 8192 entries of 8 bytes.
 const LDT_BYTES: u64 = 8192 * 8;
 const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+const SS_DISABLE: u32 = 2;
 
 /// Dumps one process.
 ///
@@ -114,6 +116,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
         signals: SignalState {
             actions: inside.actions,
             blocked,
+            altstack: inside.altstack,
             pending_thread,
             pending_process,
         },
@@ -176,6 +179,7 @@ struct Inside {
     actions: Vec<SigAction>,
     ldt: Vec<sys::UserDesc>,
     brk: u64,
+    altstack: Option<AltStack>,
     scratch: u64,
 }
 
@@ -259,11 +263,34 @@ fn read_from_inside(pid: Pid, regs: &crate::arch::Regs) -> Result<Inside> {
             Vec::new()
         };
         let brk = inj.call("brk", nr::x86_64::BRK, [0; 6], none)?;
+        inj.call(
+            "sigaltstack",
+            nr::x86_64::SIGALTSTACK,
+            [0, scratch, 0, 0, 0, 0],
+            none,
+        )?;
+        let ss = sys::read_remote(pid, scratch, 24).map_err(|source| Error::Sys {
+            call: "process_vm_readv(stack_t)",
+            pid,
+            source,
+        })?;
+        let word = |i: usize| u64::from_le_bytes(ss[i..i + 8].try_into().unwrap_or([0; 8]));
+        let flags = if ss.len() == 24 {
+            word(8) as u32
+        } else {
+            SS_DISABLE
+        };
+        let altstack = (flags & SS_DISABLE == 0).then(|| AltStack {
+            sp: word(0),
+            flags,
+            size: word(16),
+        });
         debug!(%pid, actions = actions.len(), ldt = ldt.len(), brk = format!("{brk:#x}"), "read from inside");
         Ok(Inside {
             actions,
             ldt,
             brk,
+            altstack,
             scratch,
         })
     })();

@@ -57,10 +57,19 @@ pub struct SignalState {
     /// Actions that are not SIG_DFL.
     pub actions: Vec<SigAction>,
     pub blocked: u64,
+    /// The alternate signal stack, if one is set.
+    pub altstack: Option<AltStack>,
     /// Queued on the thread, oldest first (64-bit siginfo layout).
     pub pending_thread: Vec<SigInfo>,
     /// Queued on the process, oldest first.
     pub pending_process: Vec<SigInfo>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AltStack {
+    pub sp: u64,
+    pub flags: u32,
+    pub size: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,7 +152,29 @@ pub struct Vma {
     pub prot: Prot,
     pub shared: bool,
     pub growsdown: bool,
+    pub flags: VmFlags,
     pub kind: VmaKind,
+}
+
+/// Kernel VMA flags (from smaps `VmFlags`) that restore reproduces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmFlags {
+    /// `ac`: memory accounted as writable (it was writable at some point).
+    /// Two neighbours that differ only in this do not merge, so keeping it
+    /// keeps the mapping list exactly as it was.
+    pub account: bool,
+    /// `nr`: MAP_NORESERVE.
+    pub noreserve: bool,
+    /// `dd`: MADV_DONTDUMP.
+    pub dontdump: bool,
+    /// `dc`: MADV_DONTFORK.
+    pub dontfork: bool,
+    /// `wf`: MADV_WIPEONFORK.
+    pub wipeonfork: bool,
+    /// `hg`: MADV_HUGEPAGE.
+    pub hugepage: bool,
+    /// `nh`: MADV_NOHUGEPAGE.
+    pub nohugepage: bool,
 }
 
 impl Vma {
@@ -194,6 +225,9 @@ pub struct Fd {
     /// Open flags as in fdinfo, O_CLOEXEC included.
     pub flags: u32,
     pub pos: u64,
+    /// A lower fd sharing this one's open file description (offset and
+    /// flags): restored as a dup of it.
+    pub dup_of: Option<i32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -170,10 +170,21 @@ fn map_one(b: &Builder, v: &Vma, fds: &mut HashMap<(PathBuf, bool), u64>) -> Res
     if v.growsdown {
         flags |= libc::MAP_GROWSDOWN as u64;
     }
+    if v.flags.noreserve {
+        flags |= libc::MAP_NORESERVE as u64;
+    }
+    // A private mapping that was never writable is made with its own
+    // protection (its pages go in through /proc/PID/mem), so it does not
+    // gain the "accounted" flag and merge with a neighbour it was apart from.
+    let private = if v.flags.account || v.prot.write {
+        want | rw
+    } else {
+        want
+    };
     let (now, fd, offset) = match &v.kind {
         VmaKind::Anon => {
             flags |= (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-            (want | rw, u64::MAX, 0)
+            (private, u64::MAX, 0)
         }
         VmaKind::SharedAnon => {
             flags |= (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
@@ -199,7 +210,7 @@ fn map_one(b: &Builder, v: &Vma, fds: &mut HashMap<(PathBuf, bool), u64>) -> Res
                 (want, fd, *offset)
             } else {
                 flags |= libc::MAP_PRIVATE as u64;
-                (want | rw, fd, *offset)
+                (private, fd, *offset)
             }
         }
         VmaKind::Vdso { .. } | VmaKind::Vsyscall => unreachable!("filtered by is_restored"),
@@ -216,6 +227,22 @@ fn map_one(b: &Builder, v: &Vma, fds: &mut HashMap<(PathBuf, bool), u64>) -> Res
             problem: format!("mapping for {:#x} landed at {got:#x}", v.start),
         });
     }
+    let f = &v.flags;
+    let advice = [
+        (f.dontdump, libc::MADV_DONTDUMP),
+        (f.dontfork, libc::MADV_DONTFORK),
+        (f.wipeonfork, libc::MADV_WIPEONFORK),
+        (f.hugepage, libc::MADV_HUGEPAGE),
+        (f.nohugepage, libc::MADV_NOHUGEPAGE),
+    ];
+    for (_, adv) in advice.iter().filter(|(on, _)| *on) {
+        b.inj.call(
+            "madvise",
+            nr::x86_64::MADVISE,
+            [v.start, v.len(), *adv as u64, 0, 0, 0],
+            || format!("{:#x}-{:#x} advice {adv}", v.start, v.end),
+        )?;
+    }
     Ok(Made {
         start: v.start,
         len: v.len(),
@@ -226,7 +253,7 @@ fn map_one(b: &Builder, v: &Vma, fds: &mut HashMap<(PathBuf, bool), u64>) -> Res
 
 /// Copies the saved pages into place with `process_vm_writev` straight from
 /// a mapping of the pages file: one copy per page.
-pub fn fill_pages(b: &Builder, pages: &File) -> Result<()> {
+pub fn fill_pages(b: &Builder, pages: &File, made: &[Made]) -> Result<()> {
     let task = b.task;
     if task.page_count == 0 {
         return Ok(());
@@ -240,9 +267,18 @@ pub fn fill_pages(b: &Builder, pages: &File) -> Result<()> {
     const CHUNK: usize = 64 << 20;
     let mut batch = Vec::new();
     let mut bytes = 0usize;
+    let mut forced = Vec::new();
     for run in &task.pages {
         let offset = ((1 + run.first) * PAGE_SIZE) as usize;
         let n = (run.pages * PAGE_SIZE) as usize;
+        let writable = made
+            .iter()
+            .find(|m| m.start <= run.addr && run.addr < m.start + m.len)
+            .is_some_and(|m| m.now & libc::PROT_WRITE as u64 != 0);
+        if !writable {
+            forced.push((run, offset, n));
+            continue;
+        }
         // read_task checked that every run lies inside the pages file.
         batch.push(Transfer {
             remote: run.addr,
@@ -258,6 +294,33 @@ pub fn fill_pages(b: &Builder, pages: &File) -> Result<()> {
         }
     }
     write_batch(b.pid, &batch, bytes)?;
+    bar.inc(bytes as u64);
+    if !forced.is_empty() {
+        // /proc/PID/mem writes with FOLL_FORCE, which copies-on-write into
+        // private mappings that are not writable.
+        use std::os::unix::fs::FileExt;
+        let path = format!("/proc/{}/mem", b.pid);
+        let mem = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::proc(&path, e))?;
+        let mut buf = Vec::new();
+        for (run, offset, n) in forced {
+            buf.resize(n, 0);
+            pages
+                .read_exact_at(&mut buf, offset as u64)
+                .map_err(|source| Error::Local {
+                    call: "pread(pages file)",
+                    source,
+                })?;
+            mem.write_all_at(&buf, run.addr)
+                .map_err(|e| Error::Restore {
+                    pid: b.pid,
+                    problem: format!("writing {n} bytes at {:#x} through {path}: {e}", run.addr),
+                })?;
+            bar.inc(n as u64);
+        }
+    }
     bar.finish_and_clear();
     debug!(pid = %b.pid, pages = task.page_count, "pages copied in");
     Ok(())

@@ -174,7 +174,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     memory::clear_stub(&b)?;
     memory::map_vdso(&b)?;
     let made = memory::map_all(&b)?;
-    memory::fill_pages(&b, &pages)?;
+    memory::fill_pages(&b, &pages, &made)?;
     memory::protect(&b, &made)?;
     state::set_mm(&b)?;
     state::files(&b)?;

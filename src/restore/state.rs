@@ -7,7 +7,7 @@ use tracing::{debug, warn};
 
 use crate::arch::{Abi, nr};
 use crate::error::{Error, Result};
-use crate::image::{FdKind, TaskImage, VmaKind};
+use crate::image::{FdKind, SigAction, TaskImage, VmaKind};
 use crate::inject::Entry;
 use crate::sys;
 
@@ -103,6 +103,16 @@ pub fn files(b: &Builder) -> Result<()> {
     }
     for f in &b.task.files.fds {
         let cloexec = f.flags & libc::O_CLOEXEC as u32;
+        if let Some(src) = f.dup_of {
+            let (src, target) = (src as u64, f.fd as u64);
+            b.inj.call(
+                "dup3",
+                nr::x86_64::DUP3,
+                [src, target, cloexec as u64, 0, 0, 0],
+                || format!("fd {src} to {target} (shared open file)"),
+            )?;
+            continue;
+        }
         let strip = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC) as u32;
         let open_flags = (f.flags & !strip) | libc::O_NOCTTY as u32;
         let tmp = b.open(&f.path, open_flags)?;
@@ -206,7 +216,43 @@ pub fn segments(b: &Builder) -> Result<()> {
 /// Signal actions. An ia32 task's actions go through `int 0x80`, which is
 /// what makes the kernel build 32-bit frames for its handlers.
 pub fn signal_actions(b: &Builder) -> Result<()> {
-    for a in &b.task.signals.actions {
+    if let Some(ss) = &b.task.signals.altstack {
+        const SS_AUTODISARM: u32 = 1 << 31;
+        let mut s = Vec::with_capacity(24);
+        s.extend_from_slice(&ss.sp.to_le_bytes());
+        s.extend_from_slice(&((ss.flags & SS_AUTODISARM) as u64).to_le_bytes());
+        s.extend_from_slice(&ss.size.to_le_bytes());
+        let at = b.put(0, &s)?;
+        b.inj.call(
+            "sigaltstack",
+            nr::x86_64::SIGALTSTACK,
+            [at, 0, 0, 0, 0, 0],
+            || format!("{:#x} size {:#x}", ss.sp, ss.size),
+        )?;
+    }
+    // The stub inherited cryopod's ignored signals (an exec keeps SIG_IGN);
+    // those the task had at default go back to default.
+    let status_path = format!("/proc/{}/status", b.pid);
+    let status = std::fs::read_to_string(&status_path).map_err(|e| Error::proc(&status_path, e))?;
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let defaults = (1..=64u32)
+        .filter(|s| ignored & (1 << (s - 1)) != 0)
+        .filter(|s| !b.task.signals.actions.iter().any(|a| a.signo == *s))
+        .map(|signo| SigAction {
+            signo,
+            handler: 0,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        });
+    let actions: Vec<SigAction> = defaults
+        .chain(b.task.signals.actions.iter().copied())
+        .collect();
+    for a in &actions {
         match b.task.abi {
             Abi::X86_64 => {
                 let mut s = Vec::with_capacity(32);
