@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    Fixture, TestDir, Width, assert_consecutive, assert_running_untraced, count_lines, cryopod,
-    kill, pid_exists, read_counter, spawn_restore, status_field, wait_for, wait_timeout,
+    Fixture, KillOnDrop, TestDir, Width, assert_consecutive, assert_running_untraced, count_lines,
+    cryopod, kill, pid_exists, read_counter, spawn_restore, status_field, wait_for, wait_timeout,
 };
 
 #[test]
@@ -36,13 +36,17 @@ fn dump_of_a_missing_pid() {
 both_widths!(dump_of_a_traced_process, |w| {
     let mut fx = Fixture::start("syscall", w, &["usleep"]);
     let out = fs::File::create(fx.dir.join("tracer.out")).unwrap();
-    let mut tracer = Command::new(common::fixture("tracer", Width::W64))
-        .arg(fx.pid.to_string())
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
+    // Dropped before `fx`: a traced child cannot be reaped while its
+    // tracer lives.
+    let mut tracer = KillOnDrop(
+        Command::new(common::fixture("tracer", Width::W64))
+            .arg(fx.pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    );
     let tracing = wait_for(Duration::from_secs(5), || {
         fs::read_to_string(fx.dir.join("tracer.out")).is_ok_and(|s| s.contains("TRACING"))
     });
@@ -68,11 +72,11 @@ both_widths!(dump_of_a_traced_process, |w| {
     );
     assert_eq!(
         status_field(fx.pid, "TracerPid"),
-        Some(tracer.id().to_string()),
+        Some(tracer.0.id().to_string()),
         "the tracer changed"
     );
-    tracer.kill().unwrap();
-    tracer.wait().unwrap();
+    tracer.0.kill().unwrap();
+    tracer.0.wait().unwrap();
     assert!(
         wait_for(Duration::from_secs(2), || status_field(fx.pid, "TracerPid")
             .as_deref()
@@ -225,7 +229,7 @@ both_widths!(restore_of_damaged_images, |w| damaged_images(w));
 
 /// The counter fixture: appends 1, 2, 3... to `count` every 20 ms.
 fn start_counter(w: Width, dir: &TestDir) -> Child {
-    Command::new(common::fixture("counter", w))
+    common::only_std_fds(&mut Command::new(common::fixture("counter", w)))
         .arg(dir.join("count"))
         .arg("20")
         .stdin(Stdio::null())

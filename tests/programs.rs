@@ -18,7 +18,8 @@ use common::{
 /// Starts `cmd` with cwd `dir`, stdin /dev/null and output to dir/log.
 fn start_in(dir: &TestDir, cmd: &mut Command) -> Child {
     let log = File::create(dir.join("log")).unwrap();
-    cmd.current_dir(&dir.path)
+    common::only_std_fds(cmd)
+        .current_dir(&dir.path)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)

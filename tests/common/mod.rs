@@ -208,6 +208,21 @@ pub fn assert_running_untraced(pid: u32) {
     }
 }
 
+/// Makes `cmd` start with only fds 0-2. The test runner hands its children
+/// more (cargo's jobserver pipe, for one), and the processes we dump must
+/// hold only what the fixture protocol gives them: pipes cannot be dumped.
+pub fn only_std_fds(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range(2) is async-signal-safe and touches no memory; it
+    // runs in the forked child just before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+}
+
 pub fn kill(pid: u32, signal: i32) {
     // SAFETY: kill(2) takes plain integers; a stale pid only yields ESRCH.
     unsafe {
@@ -265,6 +280,16 @@ pub fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
+/// A helper process killed and reaped when dropped (also on panic).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Running cryopod
 
@@ -293,17 +318,18 @@ impl ToolRun {
     }
 
     /// The command failed with a short error: non-zero exit and exactly one
-    /// non-empty line on stderr, containing every string in `names`.
+    /// non-empty stderr line (log lines aside) containing every string in
+    /// `names`.
     pub fn assert_clean_error(&self, names: &[&str]) {
         assert!(
             !self.status.success() && self.status.code().is_some(),
             "expected a non-zero exit, got: {}",
             self.describe()
         );
-        let lines: Vec<&str> = self
-            .stderr
+        let plain = strip_ansi(&self.stderr);
+        let lines: Vec<&str> = plain
             .lines()
-            .filter(|l| !l.trim().is_empty())
+            .filter(|l| !l.trim().is_empty() && !is_log_line(l))
             .collect();
         assert_eq!(
             lines.len(),
@@ -319,6 +345,31 @@ impl ToolRun {
             );
         }
     }
+}
+
+/// Removes terminal colour sequences (ESC [ ... letter).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A `tracing` log line ("2026-01-02T03:04:05.123Z  INFO ..."), as opposed
+/// to the error report.
+fn is_log_line(line: &str) -> bool {
+    let b = line.trim_start().as_bytes();
+    b.len() > 11 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' && b[10] == b'T'
 }
 
 /// Runs cryopod with `args` to completion (killed after TOOL_TIMEOUT), with
@@ -392,7 +443,7 @@ impl Fixture {
         let dir = TestDir::new(label.trim_end_matches('-'));
         fs::write(dir.join("go"), [0u8; 4096]).unwrap();
         let out = File::create(dir.join("out")).unwrap();
-        let child = Command::new(&exe)
+        let child = only_std_fds(&mut Command::new(&exe))
             .arg(&dir.path)
             .args(args)
             .stdin(Stdio::null())
@@ -719,7 +770,11 @@ impl ProcView {
     }
 
     pub fn assert_same(&self, after: &ProcView) {
-        assert_same_lines("/proc/PID/maps", &self.maps, &after.maps);
+        assert_same_lines(
+            "/proc/PID/maps",
+            &comparable_maps(&self.maps),
+            &comparable_maps(&after.maps),
+        );
         for ((field, b), (_, a)) in self.status.iter().zip(&after.status) {
             assert_eq!(b, a, "/proc/PID/status {field}: was {b}, now {a}");
         }
@@ -729,6 +784,29 @@ impl ProcView {
         );
         assert_eq!(self.exe, after.exe, "/proc/PID/exe changed");
     }
+}
+
+/// /proc/PID/maps text with the one field no restore can keep zeroed: the
+/// inode of shared anonymous memory ("/dev/zero (deleted)"), a shmem object
+/// numbered when it is created.
+pub fn comparable_maps(maps: &str) -> String {
+    maps.lines()
+        .map(|line| {
+            if !line.ends_with("/dev/zero (deleted)") {
+                return line.to_owned();
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            format!(
+                "{} {} {} {} 0 {}",
+                fields[0],
+                fields[1],
+                fields[2],
+                fields[3],
+                fields[5..].join(" ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Asserts two texts are equal, reporting the first differing line.
