@@ -15,6 +15,18 @@ work=$PWD/target/demo
 rm -rf "$work"
 mkdir -p "$work"
 
+# Starts a program in the background with only stdin/stdout/stderr open:
+# whatever else this shell inherited (pipes, for one) cryopod cannot dump.
+start_alone() {
+	(
+		for fd in /proc/$BASHPID/fd/*; do
+			fd=${fd##*/}
+			[ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null
+		done
+		exec "$@" </dev/null >"$dir/log" 2>&1
+	) &
+}
+
 restored_pid=""
 cleanup() { [ -z "$restored_pid" ] || kill -9 "$restored_pid" 2>/dev/null || true; }
 trap cleanup EXIT
@@ -27,21 +39,24 @@ for bits in 64 32; do
 	file -b "$dir/counter" | cut -d, -f1-2
 
 	say "${bits}-bit: starting it; it appends 1, 2, 3, ... to $dir/count every 100 ms"
-	"$dir/counter" "$dir/count" 100 </dev/null >"$dir/log" 2>&1 &
+	start_alone "$dir/counter" "$dir/count" 100
 	pid=$!
+	disown "$pid" # no "Killed" job notice when the dump kills it
 	sleep 1.2
 	echo "pid $pid has counted to $(tail -n 1 "$dir/count")"
 
 	say "${bits}-bit: cryopod dump -t $pid -D $dir/img (freezes it, saves it, kills it)"
 	"$cryopod" dump -t "$pid" -D "$dir/img"
-	wait "$pid" 2>/dev/null || true
+	while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done # reaped: the pid is free
 	last=$(tail -n 1 "$dir/count")
 	echo "the process is gone; the file stops at $last"
 	ls -l "$dir/img"
 
 	say "${bits}-bit: cryopod show $dir/img (the start of the image as JSON)"
-	"$cryopod" show "$dir/img" | python3 -m json.tool | head -n 25
-	echo "..."
+	"$cryopod" show "$dir/img" >"$dir/image.json"
+	python3 -m json.tool "$dir/image.json" >"$dir/image.pretty.json"
+	head -n 25 "$dir/image.pretty.json"
+	echo "... ($(wc -l <"$dir/image.pretty.json") lines in all: $dir/image.pretty.json)"
 
 	say "${bits}-bit: cryopod restore -D $dir/img -d (same pid, detached)"
 	"$cryopod" restore -D "$dir/img" -d --pidfile "$dir/restored.pid"
