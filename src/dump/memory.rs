@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::debug;
@@ -13,12 +14,10 @@ use tracing::debug;
 use crate::error::{Error, Result};
 use crate::image::{self, ImageWriter, PAGE_SIZE, PageRun, Vma, VmaKind};
 use crate::proc::{PM_FILE, PM_PRESENT, PM_SWAP, Pagemap};
-use crate::sys::{self, FileMap, Pid, Transfer};
+use crate::sys::{self, Pid, Transfer};
 
 /// Pagemap entries read per call: 1 GiB of address space.
 const PAGEMAP_CHUNK: u64 = 1 << 18;
-/// Bytes copied between progress updates.
-const COPY_CHUNK: usize = 64 << 20;
 
 /// Whether a page of `vma` with pagemap entry `pm` holds data that only the
 /// image can give back.
@@ -73,7 +72,17 @@ pub fn plan(pid: Pid, vmas: &[Vma]) -> Result<(Vec<PageRun>, u64)> {
     Ok((runs, total))
 }
 
+/// Bytes staged between the task and the pages file. Small enough to stay
+/// in cache, large enough that each `process_vm_readv` and `pwrite` moves
+/// a lot at once.
+const STAGE: usize = 4 << 20;
+
 /// Writes the pages file for `runs`.
+///
+/// Pages go task -> staging buffer (`process_vm_readv`) -> page cache
+/// (`pwrite`). Writing whole pages with `pwrite` lets the kernel skip the
+/// zero-fill that a store through a fresh shared file mapping costs, which
+/// measured slower than this second copy (see bench/README.md).
 pub fn write_pages(
     pid: Pid,
     vmas: &[Vma],
@@ -86,58 +95,105 @@ pub fn write_pages(
     let io_err = |e| Error::image_io(&path, e);
     file.write_all_at(&image::pages_header(pid, total), 0)
         .map_err(io_err)?;
-    file.set_len(PAGE_SIZE * (1 + total)).map_err(io_err)?;
-    if total == 0 {
-        return Ok(());
-    }
-    let map = FileMap::new(&file, (PAGE_SIZE * (1 + total)) as usize, true).map_err(io_err)?;
     let readable = |addr: u64| {
         vmas.iter()
             .find(|v| v.start <= addr && addr < v.end)
             .is_some_and(|v| v.prot.read)
     };
     let bar = progress(total * PAGE_SIZE);
-    let mut batch: Vec<Transfer> = Vec::new();
-    let mut batch_bytes = 0usize;
-    let mut unreadable = Vec::new();
+    let mut stage = Stage {
+        pid,
+        file: &file,
+        path: &path,
+        buf: vec![
+            1u8;
+            STAGE
+                .min((total * PAGE_SIZE) as usize)
+                .max(PAGE_SIZE as usize)
+        ],
+        pieces: Vec::new(),
+        filled: 0,
+        file_off: PAGE_SIZE,
+    };
+    let mut mem: Option<File> = None;
+    let mem_path = format!("/proc/{pid}/mem");
     for run in runs {
-        let len = (run.pages * PAGE_SIZE) as usize;
-        let offset = ((1 + run.first) * PAGE_SIZE) as usize;
-        if !readable(run.addr) {
-            unreadable.push((run, offset, len));
-            continue;
-        }
-        // The mapping covers the whole file; offset + len is inside it.
-        let local = map.ptr().wrapping_add(offset);
-        batch.push(Transfer {
-            remote: run.addr,
-            local,
-            len,
-        });
-        batch_bytes += len;
-        if batch_bytes >= COPY_CHUNK {
-            copy_batch(pid, &batch, batch_bytes)?;
-            bar.inc(batch_bytes as u64);
-            batch.clear();
-            batch_bytes = 0;
+        debug_assert_eq!(
+            stage.file_off + stage.filled as u64,
+            (1 + run.first) * PAGE_SIZE
+        );
+        let mut addr = run.addr;
+        let mut left = (run.pages * PAGE_SIZE) as usize;
+        let through_mem = !readable(run.addr);
+        while left > 0 {
+            if stage.filled == stage.buf.len() || (through_mem && stage.filled > 0) {
+                bar.inc(stage.flush()? as u64);
+            }
+            let n = left.min(stage.buf.len() - stage.filled);
+            if through_mem {
+                // PROT_NONE and other unreadable areas: /proc/PID/mem may
+                // read what process_vm_readv may not.
+                if mem.is_none() {
+                    mem = Some(File::open(&mem_path).map_err(|e| Error::proc(&mem_path, e))?);
+                }
+                if let Some(mem) = &mem {
+                    mem.read_exact_at(&mut stage.buf[..n], addr)
+                        .map_err(|e| Error::proc(&mem_path, e))?;
+                }
+                file.write_all_at(&stage.buf[..n], stage.file_off)
+                    .map_err(io_err)?;
+                stage.file_off += n as u64;
+                bar.inc(n as u64);
+            } else {
+                stage.add(addr, n);
+            }
+            addr += n as u64;
+            left -= n;
         }
     }
-    copy_batch(pid, &batch, batch_bytes)?;
-    bar.inc(batch_bytes as u64);
-    if !unreadable.is_empty() {
-        let mem_path = format!("/proc/{pid}/mem");
-        let mem = File::open(&mem_path).map_err(|e| Error::proc(&mem_path, e))?;
-        for (run, offset, len) in unreadable {
-            let mut buf = vec![0u8; len];
-            mem.read_exact_at(&mut buf, run.addr)
-                .map_err(|e| Error::proc(&mem_path, e))?;
-            file.write_all_at(&buf, offset as u64).map_err(io_err)?;
-            bar.inc(len as u64);
-        }
-    }
+    bar.inc(stage.flush()? as u64);
     bar.finish_and_clear();
     debug!(%pid, pages = total, runs = runs.len(), "pages written");
     Ok(())
+}
+
+/// The staging buffer and the pieces of task memory waiting to fill it.
+/// The buffer holds one contiguous range of the pages file from `file_off`.
+struct Stage<'a> {
+    pid: Pid,
+    file: &'a File,
+    path: &'a Path,
+    buf: Vec<u8>,
+    pieces: Vec<Transfer>,
+    filled: usize,
+    file_off: u64,
+}
+
+impl Stage<'_> {
+    fn add(&mut self, remote: u64, len: usize) {
+        self.pieces.push(Transfer {
+            remote,
+            local: self.buf.as_mut_ptr().wrapping_add(self.filled),
+            len,
+        });
+        self.filled += len;
+    }
+
+    /// Reads the pending pieces into the buffer and writes it out.
+    fn flush(&mut self) -> Result<usize> {
+        if self.filled == 0 {
+            return Ok(0);
+        }
+        copy_batch(self.pid, &self.pieces, self.filled)?;
+        self.file
+            .write_all_at(&self.buf[..self.filled], self.file_off)
+            .map_err(|e| Error::image_io(self.path, e))?;
+        let n = self.filled;
+        self.file_off += n as u64;
+        self.filled = 0;
+        self.pieces.clear();
+        Ok(n)
+    }
 }
 
 fn copy_batch(pid: Pid, batch: &[Transfer], bytes: usize) -> Result<()> {
@@ -157,8 +213,9 @@ fn copy_batch(pid: Pid, batch: &[Transfer], bytes: usize) -> Result<()> {
 
 #[allow(unsafe_code)]
 fn read_into(pid: Pid, batch: &[Transfer]) -> Result<usize> {
-    // SAFETY: every Transfer.local points into a writable shared mapping of
-    // the pages file that outlives this call, with len inside the mapping.
+    // SAFETY: every Transfer.local points into Stage::buf at an offset and
+    // length inside it (Stage::add), and the buffer is neither moved nor
+    // resized while the pieces exist.
     unsafe { sys::process_vm(pid, batch, false) }.map_err(|source| Error::Sys {
         call: "process_vm_readv",
         pid,

@@ -12,7 +12,7 @@ use tracing::{debug, info};
 use crate::arch::nr;
 use crate::error::{Error, Result};
 use crate::image::{
-    AltStack, CoreState, ImageWriter, Inventory, SigAction, SigInfo, SignalState, TaskImage,
+    AltStack, CoreState, ImageWriter, Inventory, SigAction, SigInfo, SignalState, TaskImage, Vma,
     VmaKind,
 };
 use crate::inject::Injector;
@@ -93,10 +93,11 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
     let pending_process = peek_pending(pid, true)?;
     debug!(%pid, rip = format!("{:#x}", regs.rip), cs = format!("{:#x}", regs.cs), "registers read");
 
-    let inside = read_from_inside(pid, &regs)?;
+    // Read once: the scratch mapping made and removed below neither merges
+    // with nor splits any of these.
+    let vmas = proc::vmas(pid)?;
+    let inside = read_from_inside(pid, &regs, &vmas)?;
 
-    let mut vmas = proc::vmas(pid)?;
-    vmas.retain(|v| !(v.start == inside.scratch && matches!(v.kind, VmaKind::SharedAnon)));
     let mut mm = proc::mm_state(pid)?;
     mm.brk = inside.brk;
     let files = proc::files(pid)?;
@@ -180,13 +181,12 @@ struct Inside {
     ldt: Vec<sys::UserDesc>,
     brk: u64,
     altstack: Option<AltStack>,
-    scratch: u64,
 }
 
 /// Runs syscalls inside the frozen task to read its signal actions, LDT and
 /// brk. Signals stay blocked meanwhile so none is delivered mid-way.
-fn read_from_inside(pid: Pid, regs: &crate::arch::Regs) -> Result<Inside> {
-    let syscall_at = find_syscall_insn(pid)?;
+fn read_from_inside(pid: Pid, regs: &crate::arch::Regs, vmas: &[Vma]) -> Result<Inside> {
+    let syscall_at = find_syscall_insn(pid, vmas)?;
     let inj = Injector::new(pid, *regs, syscall_at, None);
     sys::ptrace_set_sigmask(pid, !0).map_err(|source| Error::Ptrace {
         request: "PTRACE_SETSIGMASK",
@@ -198,7 +198,7 @@ fn read_from_inside(pid: Pid, regs: &crate::arch::Regs) -> Result<Inside> {
     // leaves the task's mappings exactly as they were.
     // Placed by hand below 4 GiB: a 64-bit mmap without a hint fails in an
     // ia32 task (ENOMEM), and low addresses work for both widths.
-    let mut used: Vec<(u64, u64)> = proc::vmas(pid)?.iter().map(|v| (v.start, v.end)).collect();
+    let mut used: Vec<(u64, u64)> = vmas.iter().map(|v| (v.start, v.end)).collect();
     let hint = proc::find_hole(&mut used, SCRATCH_LEN).ok_or_else(|| Error::Dump {
         pid,
         problem: "no free address range below 4 GiB for scratch memory".into(),
@@ -291,7 +291,6 @@ fn read_from_inside(pid: Pid, regs: &crate::arch::Regs) -> Result<Inside> {
             ldt,
             brk,
             altstack,
-            scratch,
         })
     })();
     inj.call(
@@ -305,8 +304,7 @@ fn read_from_inside(pid: Pid, regs: &crate::arch::Regs) -> Result<Inside> {
 
 /// Finds a `syscall` instruction (0f 05) the task can execute: in its vDSO
 /// first (every vDSO on AMD has one), else in any executable mapping.
-fn find_syscall_insn(pid: Pid) -> Result<u64> {
-    let vmas = proc::vmas(pid)?;
+fn find_syscall_insn(pid: Pid, vmas: &[Vma]) -> Result<u64> {
     let mut candidates: Vec<_> = vmas.iter().filter(|v| v.prot.exec && v.prot.read).collect();
     candidates.sort_by_key(|v| !matches!(&v.kind, VmaKind::Vdso { name } if name == "[vdso]"));
     for v in candidates {
