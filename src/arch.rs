@@ -163,6 +163,11 @@ pub mod nr {
         pub const RT_SIGACTION: u64 = 13;
         pub const SIGALTSTACK: u64 = 131;
         pub const MADVISE: u64 = 28;
+        pub const SET_TID_ADDRESS: u64 = 218;
+        pub const SET_ROBUST_LIST: u64 = 273;
+        pub const GET_ROBUST_LIST: u64 = 274;
+        pub const RSEQ: u64 = 334;
+        pub const CLONE3: u64 = 435;
         pub const LSEEK: u64 = 8;
         pub const CLOSE: u64 = 3;
         pub const DUP3: u64 = 292;
@@ -183,6 +188,8 @@ pub mod nr {
         pub const RESTART_SYSCALL: u64 = 0;
         pub const RT_SIGACTION: u64 = 174;
         pub const OPENAT: u64 = 295;
+        pub const SET_ROBUST_LIST: u64 = 311;
+        pub const GET_ROBUST_LIST: u64 = 312;
     }
 }
 

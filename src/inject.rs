@@ -24,7 +24,6 @@ pub enum Entry {
 }
 
 const SIGTRAP_SYSCALL: i32 = libc::SIGTRAP | 0x80;
-const PTRACE_EVENT_STOP: i32 = 128;
 
 /// A stopped tracee that can run injected syscalls.
 pub struct Injector {
@@ -162,8 +161,9 @@ impl Injector {
             if libc::WSTOPSIG(status) == SIGTRAP_SYSCALL {
                 return Ok(());
             }
-            if status >> 16 == PTRACE_EVENT_STOP {
-                // A group-stop or a late interrupt: go on to the syscall.
+            if status >> 16 != 0 {
+                // A group-stop, a late interrupt, or the clone event of an
+                // injected clone3: go on to the syscall's stops.
                 sys::ptrace_syscall(pid, 0).map_err(|source| Error::Ptrace {
                     request: "PTRACE_SYSCALL",
                     pid,

@@ -84,7 +84,10 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
                 .with_writer(std::sync::Mutex::new(file))
                 .init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => builder
+            .with_ansi(cryopod::sys::stderr_is_tty())
+            .with_writer(std::io::stderr)
+            .init(),
     }
     Ok(())
 }

@@ -45,6 +45,8 @@ const PTRACE_PEEKSIGINFO: u32 = 0x4209;
 const PTRACE_GETSIGMASK: u32 = 0x420a;
 const PTRACE_SETSIGMASK: u32 = 0x420b;
 const PTRACE_GET_THREAD_AREA: u32 = 25;
+const PTRACE_GET_RSEQ_CONFIGURATION: u32 = 0x420f;
+pub const PTRACE_O_TRACECLONE: u64 = 8;
 const PTRACE_SET_THREAD_AREA: u32 = 26;
 const NT_X86_XSTATE: usize = 0x202;
 /// Largest xstate buffer we offer the kernel; it trims to the CPU's size.
@@ -145,6 +147,31 @@ pub fn ptrace_set_xstate(pid: Pid, xstate: &[u8]) -> io::Result<()> {
         )
     }
     .map(drop)
+}
+
+/// `ptrace(PTRACE_GET_RSEQ_CONFIGURATION)`: the thread's rseq area, its
+/// length and signature, or `None` when it registered none.
+pub fn ptrace_get_rseq(pid: Pid) -> io::Result<Option<(u64, u32, u32)>> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct RseqConf {
+        addr: u64,
+        len: u32,
+        sig: u32,
+        flags: u32,
+        pad: u32,
+    }
+    let mut conf = RseqConf::default();
+    // SAFETY: addr is the struct size, data points at a writable struct of it.
+    unsafe {
+        ptrace_raw(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            pid,
+            std::mem::size_of::<RseqConf>(),
+            &mut conf as *mut _ as usize,
+        )
+    }?;
+    Ok((conf.addr != 0).then_some((conf.addr, conf.len, conf.sig)))
 }
 
 /// `struct user_desc`, the argument of set_thread_area and modify_ldt.

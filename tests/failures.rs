@@ -88,25 +88,6 @@ both_widths!(dump_of_a_traced_process, |w| {
     fx.expect_pass();
 });
 
-both_widths!(dump_of_a_multithreaded_process, |w| {
-    let mut fx = Fixture::start("threads", w, &[]);
-    let img = fx.img();
-    let run = cryopod(
-        fx.log_dir(),
-        &[
-            "dump",
-            "-t",
-            &fx.pid.to_string(),
-            "-D",
-            img.to_str().unwrap(),
-        ],
-    );
-    run.assert_clean_error(&[&fx.pid.to_string()]);
-    assert_running_untraced(fx.pid);
-    fx.go();
-    fx.expect_pass();
-});
-
 #[test]
 fn restore_from_a_missing_dir() {
     let dir = TestDir::new("missing-dir");

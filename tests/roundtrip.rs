@@ -19,6 +19,10 @@ both_widths!(signals_detached, |w| {
 both_widths!(files, |w| round_trip("files", w, &[]));
 both_widths!(files_detached, |w| round_trip_detached("files", w, &[]));
 both_widths!(ldt, |w| round_trip("ldt", w, &[]));
+both_widths!(threads, |w| round_trip("threads", w, &[]));
+both_widths!(threads_detached, |w| {
+    round_trip_detached("threads", w, &[])
+});
 both_widths!(modeswitch, |w| round_trip("modeswitch", w, &[]));
 both_widths!(modeswitch_detached, |w| {
     round_trip_detached("modeswitch", w, &[])

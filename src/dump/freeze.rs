@@ -104,25 +104,19 @@ impl Frozen {
         Ok(self.since.elapsed())
     }
 
-    /// Kills the task (after a complete dump) and waits until it is dead.
-    pub fn kill(mut self) -> Result<Duration> {
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Waits until this (killed) thread is gone; no detach is owed after.
+    fn wait_gone(mut self) {
         self.done = true;
-        let pid = self.pid;
-        sys::kill(pid, libc::SIGKILL).map_err(|source| Error::Sys {
-            call: "kill(SIGKILL)",
-            pid,
-            source,
-        })?;
-        let frozen = self.since.elapsed();
         // As its tracer we hear of its death; its parent reaps it.
-        loop {
-            match sys::waitpid(pid, 0) {
-                Ok(st) if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) => break,
-                Ok(_) => continue,
-                Err(_) => break,
+        while let Ok(st) = sys::waitpid(self.pid, 0) {
+            if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+                break;
             }
         }
-        Ok(frozen)
     }
 
     fn put_back(&mut self) -> Result<()> {
@@ -141,6 +135,61 @@ impl Frozen {
         }
         Ok(())
     }
+}
+
+/// Freezes every thread of process `pid`, main thread first. Threads that
+/// appear while others are being frozen (made by a thread not yet frozen)
+/// are caught by listing again until the list stops changing.
+pub fn freeze_process(pid: Pid) -> Result<Vec<Frozen>> {
+    let mut frozen: Vec<Frozen> = vec![Frozen::new(pid)?];
+    loop {
+        let mut added = false;
+        for tid in crate::proc::threads(pid)? {
+            if frozen.iter().any(|f| f.pid == tid) {
+                continue;
+            }
+            match Frozen::new(tid) {
+                Ok(f) => {
+                    frozen.push(f);
+                    added = true;
+                }
+                // A thread that exited between the listing and the seize.
+                Err(Error::Ptrace { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => {
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !added {
+            return Ok(frozen);
+        }
+    }
+}
+
+/// Lets every thread run on as it was; returns how long the process was frozen.
+pub fn release_process(threads: Vec<Frozen>) -> Result<Duration> {
+    let since = threads.first().map(|f| f.since);
+    for f in threads.into_iter().rev() {
+        f.release()?;
+    }
+    Ok(since.map(|s| s.elapsed()).unwrap_or_default())
+}
+
+/// Kills the process (after a complete dump) and waits until every thread
+/// is gone; returns how long it was frozen.
+pub fn kill_process(pid: Pid, threads: Vec<Frozen>) -> Result<Duration> {
+    let since = threads.first().map(|f| f.since);
+    sys::kill(pid, libc::SIGKILL).map_err(|source| Error::Sys {
+        call: "kill(SIGKILL)",
+        pid,
+        source,
+    })?;
+    let frozen = since.map(|s| s.elapsed()).unwrap_or_default();
+    // The leader's death is reported only after every other thread of the
+    // group has been waited for: leader last.
+    for f in threads.into_iter().rev() {
+        f.wait_gone();
+    }
+    Ok(frozen)
 }
 
 impl Drop for Frozen {

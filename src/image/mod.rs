@@ -183,11 +183,17 @@ fn validate_task(path: &Path, task: &TaskImage) -> Result<()> {
             )));
         }
     }
-    if task.core.xstate.len() < 512 {
-        return Err(bad(format!(
-            "xstate of {} bytes is shorter than the FXSAVE area",
-            task.core.xstate.len()
-        )));
+    if task.main_thread().map(|t| t.tid) != Some(task.pid) {
+        return Err(bad("the first thread is not the main thread".into()));
+    }
+    for t in &task.threads {
+        if t.xstate.len() < 512 {
+            return Err(bad(format!(
+                "thread {}: xstate of {} bytes is shorter than the FXSAVE area",
+                t.tid,
+                t.xstate.len()
+            )));
+        }
     }
     Ok(())
 }

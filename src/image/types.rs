@@ -20,13 +20,16 @@ pub struct Inventory {
     pub dumped_at: u64,
 }
 
-/// `task-PID.img`: everything about one single-threaded process.
+/// `task-PID.img`: everything about one process.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskImage {
     pub pid: Pid,
     pub comm: String,
     pub abi: Abi,
-    pub core: CoreState,
+    /// Every thread, the main one (tid == pid) first.
+    pub threads: Vec<ThreadImage>,
+    /// Entries of the process LDT that are in use.
+    pub ldt: Vec<UserDesc>,
     pub signals: SignalState,
     pub mm: MmState,
     pub vmas: Vec<Vma>,
@@ -38,9 +41,16 @@ pub struct TaskImage {
     pub personality: u32,
 }
 
-/// CPU state of the thread.
+impl TaskImage {
+    pub fn main_thread(&self) -> Option<&ThreadImage> {
+        self.threads.first()
+    }
+}
+
+/// The state of one thread.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CoreState {
+pub struct ThreadImage {
+    pub tid: Pid,
     /// Registers as read, before any syscall-restart adjustment.
     pub regs: Regs,
     /// XSAVE area (x87, SSE, AVX...) in this CPU's layout.
@@ -48,19 +58,37 @@ pub struct CoreState {
     pub xstate: Vec<u8>,
     /// The three GDT TLS slots (entries 12-14); empty ones are kept too.
     pub tls: Vec<UserDesc>,
-    /// Entries of the process LDT that are in use.
-    pub ldt: Vec<UserDesc>,
+    pub blocked: u64,
+    /// Signals queued on the thread, oldest first (64-bit siginfo layout).
+    pub pending: Vec<SigInfo>,
+    /// The alternate signal stack, if one is set.
+    pub altstack: Option<AltStack>,
+    /// The rseq area the thread registered (glibc does at start).
+    pub rseq: Option<Rseq>,
+    /// The robust futex list head (`set_robust_list`), in the task's width.
+    pub robust_list: Option<RobustList>,
+    /// `set_tid_address` pointer: cleared and woken at exit (pthread_join).
+    pub clear_child_tid: u64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub addr: u64,
+    pub len: u32,
+    pub sig: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RobustList {
+    pub head: u64,
+    pub len: u64,
+}
+
+/// Process-wide signal state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SignalState {
     /// Actions that are not SIG_DFL.
     pub actions: Vec<SigAction>,
-    pub blocked: u64,
-    /// The alternate signal stack, if one is set.
-    pub altstack: Option<AltStack>,
-    /// Queued on the thread, oldest first (64-bit siginfo layout).
-    pub pending_thread: Vec<SigInfo>,
     /// Queued on the process, oldest first.
     pub pending_process: Vec<SigInfo>,
 }

@@ -10,13 +10,14 @@ mod memory;
 pub(crate) mod spawn;
 mod state;
 pub mod stub;
+mod threads;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tracing::{debug, info};
+use tracing::info;
 
-use crate::arch::{Abi, Resume, nr};
+use crate::arch::{Abi, nr};
 use crate::error::{Error, Result};
 use crate::image::{self, TaskImage};
 use crate::inject::{Entry, Injector};
@@ -179,10 +180,21 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     state::set_mm(&b)?;
     state::files(&b)?;
     state::limits_and_personality(&b)?;
-    state::segments(&b)?;
+    state::ldt(&b)?;
     state::signal_actions(&b)?;
     state::pending_signals(&b)?;
-    finish(&b)?;
+    let extra = threads::create(&b)?;
+    let main = task
+        .main_thread()
+        .ok_or_else(|| Error::image(image::task_path(&opts.dir, pid), "no threads"))?;
+    threads::restore_state(&b, &b.inj, main)?;
+    for t in &extra {
+        threads::restore_state(&b, &t.inj, t.image)?;
+    }
+    for t in &extra {
+        threads::release(t.inj.pid(), t.image)?;
+    }
+    finish(&b, main)?;
     let pid = child.disarm();
     info!(%pid, ms = started.elapsed().as_secs_f64() * 1e3, "restored");
 
@@ -205,30 +217,14 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
 }
 
 /// Unmaps the parking page and, stopped at the exit of that very syscall,
-/// loads the task's own extended state, registers and signal mask, then
-/// lets it go.
-fn finish(b: &Builder) -> Result<()> {
-    let pid = b.pid;
-    let task = b.task;
-    let ptrace_err = |request| {
-        move |source| Error::Ptrace {
-            request,
-            pid,
-            source,
-        }
-    };
-    sys::ptrace_set_xstate(pid, &task.core.xstate)
-        .map_err(ptrace_err("PTRACE_SETREGSET(NT_X86_XSTATE)"))?;
+/// loads the main thread's own extended state, registers and signal mask,
+/// then lets it go: the first user instruction it runs is its own.
+fn finish(b: &Builder, main: &image::ThreadImage) -> Result<()> {
     b.inj.call(
         "munmap",
         nr::x86_64::MUNMAP,
         [b.park, PARK_LEN, 0, 0, 0, 0],
         || format!("parking area at {:#x}", b.park),
     )?;
-    let regs = task.core.regs.with_restart_applied(Resume::Fresh);
-    sys::ptrace_setregs(pid, &regs).map_err(ptrace_err("PTRACE_SETREGS"))?;
-    sys::ptrace_set_sigmask(pid, task.signals.blocked).map_err(ptrace_err("PTRACE_SETSIGMASK"))?;
-    sys::ptrace_detach(pid, 0).map_err(ptrace_err("PTRACE_DETACH"))?;
-    debug!(%pid, rip = format!("{:#x}", regs.rip), cs = format!("{:#x}", regs.cs), "released");
-    Ok(())
+    threads::release(b.pid, main)
 }

@@ -88,13 +88,15 @@ pub fn spawn(want: Option<Pid>, abi: Abi) -> Result<(Child, u64)> {
             ),
         });
     }
-    sys::ptrace_setoptions(pid, sys::PTRACE_O_TRACESYSGOOD | sys::PTRACE_O_EXITKILL).map_err(
-        |source| Error::Ptrace {
-            request: "PTRACE_SETOPTIONS",
-            pid,
-            source,
-        },
-    )?;
+    sys::ptrace_setoptions(
+        pid,
+        sys::PTRACE_O_TRACESYSGOOD | sys::PTRACE_O_EXITKILL | sys::PTRACE_O_TRACECLONE,
+    )
+    .map_err(|source| Error::Ptrace {
+        request: "PTRACE_SETOPTIONS",
+        pid,
+        source,
+    })?;
     debug!(%pid, abi = abi.name(), "stub running");
     Ok((child, code))
 }

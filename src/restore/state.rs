@@ -9,7 +9,6 @@ use crate::arch::{Abi, nr};
 use crate::error::{Error, Result};
 use crate::image::{FdKind, SigAction, TaskImage, VmaKind};
 use crate::inject::Entry;
-use crate::sys;
 
 use super::Builder;
 
@@ -191,10 +190,10 @@ pub fn limits_and_personality(b: &Builder) -> Result<()> {
     Ok(())
 }
 
-/// LDT entries (through modify_ldt inside the task) and the GDT TLS slots
-/// (through ptrace). Segment registers themselves come with the registers.
-pub fn segments(b: &Builder) -> Result<()> {
-    for d in &b.task.core.ldt {
+/// LDT entries, through modify_ldt inside the task. Segment registers
+/// themselves come with each thread's registers.
+pub fn ldt(b: &Builder) -> Result<()> {
+    for d in &b.task.ldt {
         let at = b.put(0, &d.as_bytes())?;
         b.inj.call(
             "modify_ldt",
@@ -203,33 +202,12 @@ pub fn segments(b: &Builder) -> Result<()> {
             || format!("LDT entry {}", d.entry_number),
         )?;
     }
-    for d in &b.task.core.tls {
-        sys::ptrace_set_thread_area(b.pid, d).map_err(|source| Error::Ptrace {
-            request: "PTRACE_SET_THREAD_AREA",
-            pid: b.pid,
-            source,
-        })?;
-    }
     Ok(())
 }
 
 /// Signal actions. An ia32 task's actions go through `int 0x80`, which is
 /// what makes the kernel build 32-bit frames for its handlers.
 pub fn signal_actions(b: &Builder) -> Result<()> {
-    if let Some(ss) = &b.task.signals.altstack {
-        const SS_AUTODISARM: u32 = 1 << 31;
-        let mut s = Vec::with_capacity(24);
-        s.extend_from_slice(&ss.sp.to_le_bytes());
-        s.extend_from_slice(&((ss.flags & SS_AUTODISARM) as u64).to_le_bytes());
-        s.extend_from_slice(&ss.size.to_le_bytes());
-        let at = b.put(0, &s)?;
-        b.inj.call(
-            "sigaltstack",
-            nr::x86_64::SIGALTSTACK,
-            [at, 0, 0, 0, 0, 0],
-            || format!("{:#x} size {:#x}", ss.sp, ss.size),
-        )?;
-    }
     // The stub inherited cryopod's ignored signals (an exec keeps SIG_IGN);
     // those the task had at default go back to default.
     let status_path = format!("/proc/{}/status", b.pid);
@@ -287,35 +265,19 @@ pub fn signal_actions(b: &Builder) -> Result<()> {
     Ok(())
 }
 
-/// Queues the pending signals again, oldest first, while every signal is
-/// still blocked; the task's own mask is set with its registers.
+/// Queues the process-wide pending signals again, oldest first, while
+/// every signal is still blocked; the threads' own masks are set last.
 pub fn pending_signals(b: &Builder) -> Result<()> {
     let pid = b.pid.0 as u64;
-    let sig = &b.task.signals;
-    for (si, thread) in sig
-        .pending_process
-        .iter()
-        .map(|s| (s, false))
-        .chain(sig.pending_thread.iter().map(|s| (s, true)))
-    {
+    for si in &b.task.signals.pending_process {
         let at = b.put(0, &si.raw)?;
         let signo = si.signo as u64;
-        let detail = || format!("signal {signo}");
-        if thread {
-            b.inj.call(
-                "rt_tgsigqueueinfo",
-                nr::x86_64::RT_TGSIGQUEUEINFO,
-                [pid, pid, signo, at, 0, 0],
-                detail,
-            )?;
-        } else {
-            b.inj.call(
-                "rt_sigqueueinfo",
-                nr::x86_64::RT_SIGQUEUEINFO,
-                [pid, signo, at, 0, 0, 0],
-                detail,
-            )?;
-        }
+        b.inj.call(
+            "rt_sigqueueinfo",
+            nr::x86_64::RT_SIGQUEUEINFO,
+            [pid, signo, at, 0, 0, 0],
+            || format!("signal {signo}"),
+        )?;
     }
     Ok(())
 }
