@@ -168,6 +168,10 @@ pub mod nr {
         pub const GET_ROBUST_LIST: u64 = 274;
         pub const RSEQ: u64 = 334;
         pub const CLONE3: u64 = 435;
+        pub const EXECVEAT: u64 = 322;
+        pub const SETSID: u64 = 112;
+        pub const SETPGID: u64 = 109;
+        pub const EXIT_GROUP: u64 = 231;
         pub const LSEEK: u64 = 8;
         pub const CLOSE: u64 = 3;
         pub const DUP3: u64 = 292;

@@ -94,8 +94,9 @@ fn vm_readv_works() -> std::result::Result<String, String> {
 /// Starts the stub of `abi`, checks its mode and xstate, and moves its vDSO
 /// with `arch_prctl(ARCH_MAP_VDSO_*)`, the way restore does.
 fn stub_checks(abi: Abi) -> std::result::Result<String, String> {
-    let (child, code) = spawn::spawn(None, abi).map_err(|e| e.to_string())?;
-    let pid = child.pid();
+    let mut family = spawn::Family::new();
+    let stubs = spawn::Stubs::new().map_err(|e| e.to_string())?;
+    let (pid, code) = spawn::spawn(&mut family, &stubs, None, abi).map_err(|e| e.to_string())?;
     let regs = sys::ptrace_getregs(pid).map_err(|e| format!("PTRACE_GETREGS: {e}"))?;
     if (abi == Abi::Ia32) != (regs.cs == USER32_CS) {
         return Err(format!("stub runs with CS {:#x}", regs.cs));
@@ -138,7 +139,7 @@ fn stub_checks(abi: Abi) -> std::result::Result<String, String> {
         String::new,
     )
     .map_err(|e| err("arch_prctl(ARCH_MAP_VDSO)", e))?;
-    drop(child);
+    drop(family);
     Ok(format!(
         "CS {:#x}, xstate {} bytes, vDSO remapped",
         regs.cs,

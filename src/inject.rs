@@ -55,6 +55,24 @@ impl Injector {
         self.pid
     }
 
+    /// An injector for another task (a thread or a forked child) that runs
+    /// the same code, starting from that task's registers `regs`.
+    pub fn clone_for(&self, pid: Pid, regs: Regs) -> Injector {
+        Injector::new(pid, regs, self.syscall_at, self.int80_at)
+    }
+
+    /// Re-reads the registers to start from (after an exec replaced them).
+    pub fn rebase(&mut self) -> Result<()> {
+        let pid = self.pid;
+        let regs = sys::ptrace_getregs(pid).map_err(|source| Error::Ptrace {
+            request: "PTRACE_GETREGS",
+            pid,
+            source,
+        })?;
+        *self = Injector::new(pid, regs, self.syscall_at, self.int80_at);
+        Ok(())
+    }
+
     pub fn set_code(&mut self, syscall_at: u64, int80_at: Option<u64>) {
         self.syscall_at = syscall_at;
         self.int80_at = int80_at;
@@ -124,6 +142,37 @@ impl Injector {
             });
         }
         Ok(ret as u64)
+    }
+
+    /// Makes the tracee call `exit_group(code)` and waits until it is gone.
+    pub fn exit(&self, code: u64) -> Result<()> {
+        let pid = self.pid;
+        let mut regs = self.base;
+        regs.rip = self.syscall_at;
+        regs.rax = crate::arch::nr::x86_64::EXIT_GROUP;
+        regs.orig_rax = u64::MAX;
+        regs.rdi = code;
+        let ptrace_err = |request, source| Error::Ptrace {
+            request,
+            pid,
+            source,
+        };
+        sys::ptrace_setregs(pid, &regs).map_err(|e| ptrace_err("PTRACE_SETREGS", e))?;
+        sys::ptrace_syscall(pid, 0).map_err(|e| ptrace_err("PTRACE_SYSCALL", e))?;
+        self.wait_syscall_stop()?;
+        sys::ptrace_syscall(pid, 0).map_err(|e| ptrace_err("PTRACE_SYSCALL", e))?;
+        loop {
+            let status = sys::waitpid(pid, 0).map_err(|source| Error::Sys {
+                call: "waitpid",
+                pid,
+                source,
+            })?;
+            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                return Ok(());
+            }
+            // The exit event or a late stop: let it go on dying.
+            sys::ptrace_syscall(pid, 0).map_err(|e| ptrace_err("PTRACE_SYSCALL", e))?;
+        }
     }
 
     /// Sets `regs`, runs the tracee from syscall entry to syscall exit, and

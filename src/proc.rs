@@ -70,6 +70,44 @@ pub fn comm(pid: Pid) -> Result<String> {
     Ok(s.trim_end_matches('\n').to_string())
 }
 
+/// Where a process sits in the tree, from /proc/PID/stat.
+pub struct Ids {
+    pub state: char,
+    pub ppid: Pid,
+    pub pgid: Pid,
+    pub sid: Pid,
+    /// The wait status of a zombie.
+    pub exit_code: i32,
+}
+
+pub fn ids(pid: Pid) -> Result<Ids> {
+    let stat = process(pid)?
+        .stat()
+        .map_err(|e| procfs_err(pid, "stat", e))?;
+    Ok(Ids {
+        state: stat.state,
+        ppid: Pid(stat.ppid),
+        pgid: Pid(stat.pgrp),
+        sid: Pid(stat.session),
+        exit_code: stat.exit_code.unwrap_or(0),
+    })
+}
+
+/// Children of every thread of the process.
+pub fn children(pid: Pid) -> Result<Vec<Pid>> {
+    let mut out = Vec::new();
+    for tid in threads(pid)? {
+        let path = proc_path(pid, &format!("task/{tid}/children"));
+        let text = fs::read_to_string(&path).map_err(|e| Error::proc(&path, e))?;
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|s| s.parse().ok())
+                .map(Pid),
+        );
+    }
+    Ok(out)
+}
+
 /// The task's mappings, classified for restore.
 pub fn vmas(pid: Pid) -> Result<Vec<Vma>> {
     let maps = process(pid)?
@@ -83,7 +121,10 @@ pub fn vmas(pid: Pid) -> Result<Vec<Vma>> {
         let kind = match &m.pathname {
             MMapPath::Anonymous | MMapPath::Heap | MMapPath::Stack => {
                 if shared {
-                    VmaKind::SharedAnon
+                    VmaKind::SharedAnon {
+                        inode: m.inode,
+                        offset: m.offset,
+                    }
                 } else {
                     VmaKind::Anon
                 }
@@ -101,7 +142,10 @@ pub fn vmas(pid: Pid) -> Result<Vec<Vma>> {
             }
             MMapPath::Vsyscall => VmaKind::Vsyscall,
             MMapPath::Path(p) if shared && p.as_os_str() == "/dev/zero (deleted)" => {
-                VmaKind::SharedAnon
+                VmaKind::SharedAnon {
+                    inode: m.inode,
+                    offset: m.offset,
+                }
             }
             MMapPath::Path(p) => {
                 if p.to_string_lossy().ends_with(" (deleted)") {

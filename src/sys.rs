@@ -47,6 +47,8 @@ const PTRACE_SETSIGMASK: u32 = 0x420b;
 const PTRACE_GET_THREAD_AREA: u32 = 25;
 const PTRACE_GET_RSEQ_CONFIGURATION: u32 = 0x420f;
 pub const PTRACE_O_TRACECLONE: u64 = 8;
+pub const PTRACE_O_TRACEFORK: u64 = 2;
+pub const PTRACE_O_TRACEEXEC: u64 = 0x10;
 const PTRACE_SET_THREAD_AREA: u32 = 26;
 const NT_X86_XSTATE: usize = 0x202;
 /// Largest xstate buffer we offer the kernel; it trims to the CPU's size.
@@ -400,12 +402,13 @@ pub fn write_remote(pid: Pid, addr: u64, data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// `memfd_create(name, MFD_CLOEXEC)` filled with `contents`.
-pub fn memfd_with(name: &CStr, contents: &[u8]) -> io::Result<File> {
+/// `memfd_create(name)` filled with `contents`; inherited over exec unless
+/// `cloexec`.
+pub fn memfd_with(name: &CStr, contents: &[u8], cloexec: bool) -> io::Result<File> {
     use std::io::Write;
+    let flags = if cloexec { libc::MFD_CLOEXEC } else { 0 };
     // SAFETY: name is a valid C string.
-    let fd =
-        check(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) } as libc::c_long)?;
+    let fd = check(unsafe { libc::memfd_create(name.as_ptr(), flags) } as libc::c_long)?;
     // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
     let mut file = unsafe { File::from_raw_fd(fd as RawFd) };
     file.write_all(contents)?;

@@ -108,6 +108,10 @@ impl Frozen {
         self.pid
     }
 
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
     /// Waits until this (killed) thread is gone; no detach is owed after.
     fn wait_gone(mut self) {
         self.done = true;
@@ -165,31 +169,21 @@ pub fn freeze_process(pid: Pid) -> Result<Vec<Frozen>> {
     }
 }
 
-/// Lets every thread run on as it was; returns how long the process was frozen.
-pub fn release_process(threads: Vec<Frozen>) -> Result<Duration> {
-    let since = threads.first().map(|f| f.since);
+/// Lets every thread run on as it was.
+pub fn release_process(threads: Vec<Frozen>) -> Result<()> {
     for f in threads.into_iter().rev() {
         f.release()?;
     }
-    Ok(since.map(|s| s.elapsed()).unwrap_or_default())
+    Ok(())
 }
 
-/// Kills the process (after a complete dump) and waits until every thread
-/// is gone; returns how long it was frozen.
-pub fn kill_process(pid: Pid, threads: Vec<Frozen>) -> Result<Duration> {
-    let since = threads.first().map(|f| f.since);
-    sys::kill(pid, libc::SIGKILL).map_err(|source| Error::Sys {
-        call: "kill(SIGKILL)",
-        pid,
-        source,
-    })?;
-    let frozen = since.map(|s| s.elapsed()).unwrap_or_default();
-    // The leader's death is reported only after every other thread of the
-    // group has been waited for: leader last.
+/// After the process was sent SIGKILL: waits until every thread is gone.
+/// The leader's death is reported only after every other thread of the
+/// group has been waited for: leader last.
+pub fn wait_gone(threads: Vec<Frozen>) {
     for f in threads.into_iter().rev() {
         f.wait_gone();
     }
-    Ok(frozen)
 }
 
 impl Drop for Frozen {

@@ -32,7 +32,7 @@ fn page_is_saved(vma: &Vma, pm: u64) -> bool {
         // Shortcoming: a shared anonymous page that another process touched
         // but this one never mapped is not seen here; trees (where that can
         // happen) should read such objects through /proc/PID/map_files.
-        VmaKind::Anon | VmaKind::SharedAnon => pm & (PM_PRESENT | PM_SWAP) != 0,
+        VmaKind::Anon | VmaKind::SharedAnon { .. } => pm & (PM_PRESENT | PM_SWAP) != 0,
         VmaKind::Vdso { .. } | VmaKind::Vsyscall => false,
     }
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{debug, info};
 
 use crate::error::{Error, Result};
-use crate::image::{ImageWriter, Inventory, Rseq, SigInfo, SignalState, TaskImage, ThreadImage};
+use crate::image::{
+    ImageWriter, Inventory, Rseq, SigInfo, SignalState, TaskImage, ThreadImage, Zombie,
+};
 use crate::proc;
 use crate::sys::{self, Pid};
 use freeze::Frozen;
@@ -29,35 +31,138 @@ pub struct DumpReport {
     pub frozen: Duration,
 }
 
-/// Dumps one process.
+/// A frozen process of the tree.
+struct FrozenProc {
+    pid: Pid,
+    threads: Vec<Frozen>,
+}
+
+/// Dumps the process tree rooted at `opts.pid`.
 ///
-/// Order, and why: freeze every thread first (nothing may change under
-/// us); read each thread's registers before any injected syscall clobbers
-/// them; run the injected syscalls (signal actions, LDT, brk, and per
-/// thread the alternate stack, robust list and tid address), then put
-/// registers and masks back; read /proc and memory; write the image;
-/// commit it; and only after a complete image kill the process, or let it
-/// go with `--leave-running`. Any error before that drops the freeze
-/// guards, which let every thread run on untouched.
+/// Order, and why: freeze the tree top-down, listing a process's children
+/// only once it is frozen (a frozen process cannot fork, so nothing is
+/// missed); then, per process, read each thread's registers before any
+/// injected syscall clobbers them, run the injected syscalls, put registers
+/// and masks back, read /proc and memory; write every image; commit; and
+/// only after a complete image kill the tree, or let it go with
+/// `--leave-running`. Any error before that drops the freeze guards, which
+/// let every thread of every process run on untouched.
 pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
-    let pid = opts.pid;
-    if pid.0 == std::process::id() as i32 {
+    let root = opts.pid;
+    if root.0 == std::process::id() as i32 {
         return Err(Error::Dump {
-            pid,
+            pid: root,
             problem: "cryopod cannot dump itself".into(),
         });
     }
-    proc::process(pid)?;
-    let abi = proc::abi(pid)?;
-    info!(%pid, abi = abi.name(), dir = %opts.dir.display(), "dumping");
+    proc::process(root)?;
+    info!(pid = %root, dir = %opts.dir.display(), "dumping");
     let mut writer = ImageWriter::new(&opts.dir)?;
 
-    let mut frozen = freeze::freeze_process(pid)?;
-    let mut threads = Vec::with_capacity(frozen.len());
-    for f in &mut frozen {
+    let (mut procs, zombies) = freeze_tree(root)?;
+    let mut tasks = Vec::with_capacity(procs.len());
+    let mut pages = 0;
+    for p in &mut procs {
+        let task = dump_process(p, &mut writer)?;
+        pages += task.page_count;
+        tasks.push(task.pid);
+    }
+    let inventory = Inventory {
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        kernel_release: sys::kernel_release(),
+        root_pid: root,
+        tasks,
+        zombies,
+        dumped_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    writer.commit(&inventory)?;
+
+    let since = procs
+        .first()
+        .and_then(|p| p.threads.first())
+        .map(|f| f.since());
+    let count = procs.len();
+    if opts.leave_running {
+        for p in procs.into_iter().rev() {
+            freeze::release_process(p.threads)?;
+        }
+    } else {
+        for p in &procs {
+            sys::kill(p.pid, libc::SIGKILL).map_err(|source| Error::Sys {
+                call: "kill(SIGKILL)",
+                pid: p.pid,
+                source,
+            })?;
+        }
+        for p in procs.into_iter().rev() {
+            freeze::wait_gone(p.threads);
+        }
+    }
+    let frozen_for = since.map(|s| s.elapsed()).unwrap_or_default();
+    info!(
+        pid = %root,
+        processes = count,
+        zombies = inventory.zombies.len(),
+        pages,
+        frozen_ms = frozen_for.as_secs_f64() * 1e3,
+        left_running = opts.leave_running,
+        "dump complete"
+    );
+    Ok(DumpReport {
+        pages,
+        frozen: frozen_for,
+    })
+}
+
+/// Freezes `root` and every descendant, parents before children; zombies
+/// (exited, not reaped) are recorded, not frozen.
+fn freeze_tree(root: Pid) -> Result<(Vec<FrozenProc>, Vec<Zombie>)> {
+    let mut procs = Vec::new();
+    let mut zombies = Vec::new();
+    let mut queue = std::collections::VecDeque::from([root]);
+    while let Some(pid) = queue.pop_front() {
+        let ids = proc::ids(pid)?;
+        if ids.state == 'Z' {
+            if pid == root {
+                return Err(Error::Dump {
+                    pid,
+                    problem: "it is a zombie".into(),
+                });
+            }
+            zombies.push(Zombie {
+                pid,
+                ppid: ids.ppid,
+                pgid: ids.pgid,
+                sid: ids.sid,
+                status: ids.exit_code,
+            });
+            continue;
+        }
+        let threads = freeze::freeze_process(pid)?;
+        queue.extend(proc::children(pid)?);
+        procs.push(FrozenProc { pid, threads });
+    }
+    debug!(
+        processes = procs.len(),
+        zombies = zombies.len(),
+        "tree frozen"
+    );
+    Ok((procs, zombies))
+}
+
+/// Saves one frozen process: its task image and its pages file.
+fn dump_process(p: &mut FrozenProc, writer: &mut ImageWriter) -> Result<TaskImage> {
+    let pid = p.pid;
+    let abi = proc::abi(pid)?;
+    let ids = proc::ids(pid)?;
+    let mut threads = Vec::with_capacity(p.threads.len());
+    for f in &mut p.threads {
         threads.push(read_thread(f)?);
     }
-    debug!(%pid, threads = threads.len(), "frozen");
+    debug!(%pid, abi = abi.name(), threads = threads.len(), "dumping process");
 
     // Read once: the scratch mapping made and removed below neither merges
     // with nor splits any of these.
@@ -68,10 +173,13 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
     mm.brk = inside.brk;
     let files = proc::files(pid)?;
     let (pages, page_count) = memory::plan(pid, &vmas)?;
-    memory::write_pages(pid, &vmas, &pages, page_count, &mut writer)?;
+    memory::write_pages(pid, &vmas, &pages, page_count, writer)?;
 
     let task = TaskImage {
         pid,
+        ppid: ids.ppid,
+        pgid: ids.pgid,
+        sid: ids.sid,
         comm: proc::comm(pid)?,
         abi,
         threads,
@@ -89,35 +197,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
         personality: proc::personality(pid)?,
     };
     writer.write_task(&task)?;
-    let inventory = Inventory {
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        kernel_release: sys::kernel_release(),
-        root_pid: pid,
-        tasks: vec![pid],
-        dumped_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    };
-    writer.commit(&inventory)?;
-
-    let frozen_for = if opts.leave_running {
-        freeze::release_process(frozen)?
-    } else {
-        freeze::kill_process(pid, frozen)?
-    };
-    info!(
-        %pid,
-        threads = task.threads.len(),
-        pages = page_count,
-        frozen_ms = frozen_for.as_secs_f64() * 1e3,
-        left_running = opts.leave_running,
-        "dump complete"
-    );
-    Ok(DumpReport {
-        pages: page_count,
-        frozen: frozen_for,
-    })
+    Ok(task)
 }
 
 /// What ptrace tells of one frozen thread from outside. The parts only the

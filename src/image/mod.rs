@@ -358,6 +358,7 @@ mod tests {
             kernel_release: "k".into(),
             root_pid: Pid(7),
             tasks: vec![Pid(7)],
+            zombies: Vec::new(),
             dumped_at: 1,
         }
     }

@@ -15,7 +15,10 @@ pub struct Inventory {
     pub tool_version: String,
     pub kernel_release: String,
     pub root_pid: Pid,
+    /// Every live process of the tree, each after its parent.
     pub tasks: Vec<Pid>,
+    /// Children that exited and were not yet reaped by their parent.
+    pub zombies: Vec<Zombie>,
     /// Seconds since the epoch when the tree was frozen.
     pub dumped_at: u64,
 }
@@ -24,6 +27,10 @@ pub struct Inventory {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskImage {
     pub pid: Pid,
+    /// Parent, process group and session as /proc showed them.
+    pub ppid: Pid,
+    pub pgid: Pid,
+    pub sid: Pid,
     pub comm: String,
     pub abi: Abi,
     /// Every thread, the main one (tid == pid) first.
@@ -45,6 +52,17 @@ impl TaskImage {
     pub fn main_thread(&self) -> Option<&ThreadImage> {
         self.threads.first()
     }
+}
+
+/// A process that exited and waits for its parent to reap it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zombie {
+    pub pid: Pid,
+    pub ppid: Pid,
+    pub pgid: Pid,
+    pub sid: Pid,
+    /// Its wait status, as waitpid would report it.
+    pub status: i32,
 }
 
 /// The state of one thread.
@@ -158,8 +176,9 @@ impl Prot {
 pub enum VmaKind {
     /// Private anonymous memory (heap, stack, bss, malloc arenas).
     Anon,
-    /// MAP_SHARED|MAP_ANONYMOUS memory.
-    SharedAnon,
+    /// MAP_SHARED|MAP_ANONYMOUS memory: a shmem object, the same `inode`
+    /// in every process that shares it; `offset` into it in bytes.
+    SharedAnon { inode: u64, offset: u64 },
     /// A file mapping; `offset` in bytes.
     File {
         path: PathBuf,

@@ -148,12 +148,12 @@ pub struct Made {
 
 /// Makes every mapping of the image at its address. Private mappings are
 /// made writable for the page copy; `protect` sets the real protection.
-pub fn map_all(b: &Builder) -> Result<Vec<Made>> {
+pub fn map_all(b: &Builder, shmem: &mut Shmem) -> Result<Vec<Made>> {
     let mut fds: HashMap<(PathBuf, bool), u64> = HashMap::new();
     let mut made = Vec::new();
     let result = (|| {
         for v in b.task.vmas.iter().filter(|v| v.is_restored()) {
-            made.push(map_one(b, v, &mut fds)?);
+            made.push(map_one(b, v, &mut fds, shmem)?);
         }
         Ok(())
     })();
@@ -163,7 +163,17 @@ pub fn map_all(b: &Builder) -> Result<Vec<Made>> {
     result.map(|()| made)
 }
 
-fn map_one(b: &Builder, v: &Vma, fds: &mut HashMap<(PathBuf, bool), u64>) -> Result<Made> {
+/// Shared anonymous objects already made, by their dumped inode: the
+/// process and range that map one, so others can map the same object
+/// through /proc/PID/map_files.
+pub type Shmem = HashMap<u64, (Pid, u64, u64)>;
+
+fn map_one(
+    b: &Builder,
+    v: &Vma,
+    fds: &mut HashMap<(PathBuf, bool), u64>,
+    shmem: &mut Shmem,
+) -> Result<Made> {
     let want = v.prot.bits();
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let mut flags = MAP_FIXED_NOREPLACE;
@@ -186,10 +196,22 @@ fn map_one(b: &Builder, v: &Vma, fds: &mut HashMap<(PathBuf, bool), u64>) -> Res
             flags |= (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
             (private, u64::MAX, 0)
         }
-        VmaKind::SharedAnon => {
-            flags |= (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
-            (want | rw, u64::MAX, 0)
-        }
+        VmaKind::SharedAnon { inode, offset } => match shmem.get(inode) {
+            Some((src, start, end)) => {
+                // The same object another process (or mapping) has: map it
+                // through that mapping's map_files link. Closed below.
+                let link = PathBuf::from(format!("/proc/{src}/map_files/{start:x}-{end:x}"));
+                let fd = b.open(&link, (libc::O_RDWR | libc::O_CLOEXEC) as u32)?;
+                fds.insert((link, true), fd);
+                flags |= libc::MAP_SHARED as u64;
+                (want | rw, fd, *offset)
+            }
+            None => {
+                shmem.insert(*inode, (b.pid, v.start, v.end));
+                flags |= (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
+                (want | rw, u64::MAX, 0)
+            }
+        },
         VmaKind::File { path, offset, .. } => {
             let writable_shared = v.shared && v.prot.write;
             let fd = match fds.get(&(path.clone(), writable_shared)) {

@@ -53,7 +53,47 @@ pub(crate) struct Builder<'a> {
     pub park: u64,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    /// Takes over a freshly exec'd stub (code at `code`): blocks its signals
+    /// and parks it.
+    fn new(task: &'a TaskImage, pid: Pid, code: u64) -> Result<Builder<'a>> {
+        let regs = sys::ptrace_getregs(pid).map_err(|source| Error::Ptrace {
+            request: "PTRACE_GETREGS",
+            pid,
+            source,
+        })?;
+        let inj = Injector::new(
+            pid,
+            regs,
+            code + stub::SYSCALL_OFF,
+            Some(code + stub::INT80_OFF),
+        );
+        Builder::with_injector(task, inj)
+    }
+
+    fn with_injector(task: &'a TaskImage, inj: Injector) -> Result<Builder<'a>> {
+        let pid = inj.pid();
+        sys::ptrace_set_sigmask(pid, !0).map_err(|source| Error::Ptrace {
+            request: "PTRACE_SETSIGMASK",
+            pid,
+            source,
+        })?;
+        let park = memory::parking_address(task, pid)?;
+        let mut b = Builder {
+            pid,
+            task,
+            inj,
+            park,
+        };
+        memory::park(&mut b)?;
+        Ok(b)
+    }
+
+    /// The main thread's image (read_task checked there is one).
+    pub fn main(&self) -> &'a image::ThreadImage {
+        &self.task.threads[0]
+    }
+
     pub fn scratch(&self) -> u64 {
         self.park + SCRATCH_OFF
     }
@@ -119,83 +159,88 @@ impl Builder<'_> {
 /// Restores the image in `opts.dir`.
 ///
 /// Order, and why: everything in the image is read and checked before any
-/// process exists; then the stub is started as the dumped pid; a parking
-/// page is mapped and the stub's own mappings removed; the vDSO is placed,
-/// then every mapping made and filled, then protections set; the mm fields
-/// (which need the final mappings and no stub mapped) next; files, limits,
-/// personality, segments and signal actions after that; registers last, at
-/// the exit of the syscall that unmaps the parking page, so the task's first
-/// user instruction is its own.
+/// process exists. Then the tree of stubs is made, parents first: the root
+/// as cryopod's child with its dumped pid, every other process forked from
+/// its restored parent with its pid and exec'd into the stub of its own
+/// width; sessions and groups are set as they are made. Then each process
+/// is built: a parking page is mapped and the stub's own mappings removed;
+/// the vDSO placed, every mapping made and filled, protections set; the mm
+/// fields (which need the final mappings and no stub mapped); files,
+/// limits, personality, LDT and signal actions; its other threads and every
+/// thread's own state. Last, children before parents, every thread gets
+/// its registers, the main thread at the exit of the syscall that unmaps
+/// the parking page, so the first user instruction each runs is its own.
 pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     let started = Instant::now();
     let inv = image::read_inventory(&opts.dir)?;
-    if inv.tasks.len() != 1 || inv.tasks[0] != inv.root_pid {
-        return Err(Error::image(
-            image::inventory_path(&opts.dir),
-            format!(
-                "holds {} tasks; this cryopod restores single processes",
-                inv.tasks.len()
-            ),
-        ));
+    let inv_path = image::inventory_path(&opts.dir);
+    let mut tasks = Vec::with_capacity(inv.tasks.len());
+    for pid in &inv.tasks {
+        let task = image::read_task(&opts.dir, *pid)?;
+        let pages = image::open_pages(&opts.dir, &task)?;
+        state::check_files_exist(&task)?;
+        tasks.push((task, pages));
     }
-    let pid = inv.root_pid;
-    let task = image::read_task(&opts.dir, pid)?;
-    let pages = image::open_pages(&opts.dir, &task)?;
-    state::check_files_exist(&task)?;
-    if sys::pid_exists(pid) {
-        return Err(Error::PidInUse(pid));
+    check_tree(&inv, &tasks.iter().map(|(t, _)| t).collect::<Vec<_>>())
+        .map_err(|problem| Error::image(&inv_path, problem))?;
+    for pid in inv.tasks.iter().chain(inv.zombies.iter().map(|z| &z.pid)) {
+        if sys::pid_exists(*pid) {
+            return Err(Error::PidInUse(*pid));
+        }
     }
-    info!(%pid, abi = task.abi.name(), comm = %task.comm, "restoring");
+    let root = &tasks[0].0;
+    info!(pid = %root.pid, processes = tasks.len(), abi = root.abi.name(), comm = %root.comm, "restoring");
 
-    let (child, code) = spawn::spawn(Some(pid), task.abi)?;
-    sys::ptrace_set_sigmask(pid, !0).map_err(|source| Error::Ptrace {
-        request: "PTRACE_SETSIGMASK",
-        pid,
-        source,
-    })?;
-    let regs = sys::ptrace_getregs(pid).map_err(|source| Error::Ptrace {
-        request: "PTRACE_GETREGS",
-        pid,
-        source,
-    })?;
-    let inj = Injector::new(
-        pid,
-        regs,
-        code + stub::SYSCALL_OFF,
-        Some(code + stub::INT80_OFF),
-    );
-    let park = memory::parking_address(&task, pid)?;
-    let mut b = Builder {
-        pid,
-        task: &task,
-        inj,
-        park,
-    };
-    memory::park(&mut b)?;
-    memory::clear_stub(&b)?;
-    memory::map_vdso(&b)?;
-    let made = memory::map_all(&b)?;
-    memory::fill_pages(&b, &pages, &made)?;
-    memory::protect(&b, &made)?;
-    state::set_mm(&b)?;
-    state::files(&b)?;
-    state::limits_and_personality(&b)?;
-    state::ldt(&b)?;
-    state::signal_actions(&b)?;
-    state::pending_signals(&b)?;
-    let extra = threads::create(&b)?;
-    let main = task
-        .main_thread()
-        .ok_or_else(|| Error::image(image::task_path(&opts.dir, pid), "no threads"))?;
-    threads::restore_state(&b, &b.inj, main)?;
-    for t in &extra {
-        threads::restore_state(&b, &t.inj, t.image)?;
+    let mut family = spawn::Family::new();
+    let stubs = spawn::Stubs::new()?;
+    let mut builders: Vec<Builder> = Vec::with_capacity(tasks.len());
+    for (task, _) in &tasks {
+        let b = match builders
+            .iter()
+            .find(|p| p.pid == task.ppid && task.pid != root.pid)
+        {
+            None => {
+                let (pid, code) = spawn::spawn(&mut family, &stubs, Some(task.pid), task.abi)?;
+                Builder::new(task, pid, code)?
+            }
+            Some(parent) => {
+                let mut inj = spawn::fork(&mut family, &parent.inj, parent.scratch(), task.pid)?;
+                let code = spawn::exec_stub(&inj, &stubs, parent.scratch(), task.abi)?;
+                inj.rebase()?;
+                inj.set_code(code + stub::SYSCALL_OFF, Some(code + stub::INT80_OFF));
+                Builder::with_injector(task, inj)?
+            }
+        };
+        state::session(&b, true, &inv.tasks)?;
+        builders.push(b);
     }
-    for t in &extra {
-        threads::release(t.inj.pid(), t.image)?;
+    for z in &inv.zombies {
+        let parent = builders.iter().find(|p| p.pid == z.ppid).ok_or_else(|| {
+            Error::image(
+                &inv_path,
+                format!("zombie {} has no parent {} in the image", z.pid, z.ppid),
+            )
+        })?;
+        let inj = spawn::fork(&mut family, &parent.inj, parent.scratch(), z.pid)?;
+        state::make_zombie(&inj, z)?;
     }
-    finish(&b, main)?;
-    let pid = child.disarm();
+    for b in &builders {
+        state::session(b, false, &inv.tasks)?;
+    }
+
+    let mut shmem = memory::Shmem::new();
+    let mut ready = Vec::with_capacity(builders.len());
+    for (b, (_, pages)) in builders.iter().zip(&tasks) {
+        ready.push(build(b, pages, &mut shmem)?);
+    }
+    for (b, extra) in builders.iter().zip(ready).rev() {
+        for t in &extra {
+            threads::release(t.inj.pid(), t.image)?;
+        }
+        finish(b)?;
+    }
+    family.disarm();
+    let pid = root.pid;
     info!(%pid, ms = started.elapsed().as_secs_f64() * 1e3, "restored");
 
     if let Some(path) = &opts.pidfile {
@@ -216,15 +261,63 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     }))
 }
 
+/// The tree in the inventory is whole: the first task is the root, and
+/// every other task and zombie comes after its parent.
+fn check_tree(inv: &image::Inventory, tasks: &[&TaskImage]) -> std::result::Result<(), String> {
+    if tasks.first().map(|t| t.pid) != Some(inv.root_pid) {
+        return Err("the first task is not the root".into());
+    }
+    for (i, t) in tasks.iter().enumerate().skip(1) {
+        if !tasks[..i].iter().any(|p| p.pid == t.ppid) {
+            return Err(format!("task {} comes before its parent {}", t.pid, t.ppid));
+        }
+    }
+    for z in &inv.zombies {
+        if !tasks.iter().any(|p| p.pid == z.ppid) {
+            return Err(format!(
+                "zombie {} has no parent {} in the image",
+                z.pid, z.ppid
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Builds one process up to, not including, its registers. Returns its
+/// other threads, created and stopped.
+fn build<'a>(
+    b: &'a Builder,
+    pages: &std::fs::File,
+    shmem: &mut memory::Shmem,
+) -> Result<Vec<threads::Thread<'a>>> {
+    memory::clear_stub(b)?;
+    memory::map_vdso(b)?;
+    let made = memory::map_all(b, shmem)?;
+    memory::fill_pages(b, pages, &made)?;
+    memory::protect(b, &made)?;
+    state::set_mm(b)?;
+    state::files(b)?;
+    state::limits_and_personality(b)?;
+    state::ldt(b)?;
+    state::signal_actions(b)?;
+    state::pending_signals(b)?;
+    let extra = threads::create(b)?;
+    threads::restore_state(b, &b.inj, b.main())?;
+    for t in &extra {
+        threads::restore_state(b, &t.inj, t.image)?;
+    }
+    Ok(extra)
+}
+
 /// Unmaps the parking page and, stopped at the exit of that very syscall,
 /// loads the main thread's own extended state, registers and signal mask,
 /// then lets it go: the first user instruction it runs is its own.
-fn finish(b: &Builder, main: &image::ThreadImage) -> Result<()> {
+fn finish(b: &Builder) -> Result<()> {
     b.inj.call(
         "munmap",
         nr::x86_64::MUNMAP,
         [b.park, PARK_LEN, 0, 0, 0, 0],
         || format!("parking area at {:#x}", b.park),
     )?;
-    threads::release(b.pid, main)
+    threads::release(b.pid, b.main())
 }

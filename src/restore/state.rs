@@ -9,6 +9,7 @@ use crate::arch::{Abi, nr};
 use crate::error::{Error, Result};
 use crate::image::{FdKind, SigAction, TaskImage, VmaKind};
 use crate::inject::Entry;
+use crate::sys::Pid;
 
 use super::Builder;
 
@@ -280,4 +281,52 @@ pub fn pending_signals(b: &Builder) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Sessions and process groups, in two passes. The first runs right after
+/// the process is made, before its children are forked (they inherit):
+/// a session leader calls setsid(), a group leader setpgid(0, 0). The
+/// second, once every process exists, joins the other groups.
+///
+/// A group or session whose leader is outside the tree (the shell that
+/// started the root) is the one cryopod restore runs in.
+pub fn session(b: &Builder, first: bool, tree: &[Pid]) -> Result<()> {
+    let t = b.task;
+    let none = String::new;
+    if first {
+        if t.sid == t.pid {
+            b.inj.call("setsid", nr::x86_64::SETSID, [0; 6], none)?;
+        } else if t.pgid == t.pid {
+            b.inj
+                .call("setpgid", nr::x86_64::SETPGID, [0, 0, 0, 0, 0, 0], none)?;
+        }
+        return Ok(());
+    }
+    if t.pgid == t.pid || !tree.contains(&t.pgid) {
+        if t.pgid != t.pid {
+            debug!(pid = %t.pid, pgid = %t.pgid, "process group leader outside the tree: left in the inherited group");
+        }
+        return Ok(());
+    }
+    b.inj.call(
+        "setpgid",
+        nr::x86_64::SETPGID,
+        [0, t.pgid.0 as u64, 0, 0, 0, 0],
+        || format!("process group {}", t.pgid),
+    )?;
+    Ok(())
+}
+
+/// Makes a freshly forked child exit with the zombie's status; its parent
+/// (still stopped) will find it unreaped, as it was.
+pub fn make_zombie(inj: &crate::inject::Injector, z: &crate::image::Zombie) -> Result<()> {
+    let code = if libc::WIFEXITED(z.status) {
+        libc::WEXITSTATUS(z.status)
+    } else {
+        // Shortcoming: a zombie killed by a signal comes back as one that
+        // exited with 128 + the signal; its parent sees WIFEXITED.
+        warn!(pid = %z.pid, status = z.status, "zombie killed by a signal is restored as exited");
+        128 + libc::WTERMSIG(z.status)
+    };
+    inj.exit(code as u64)
 }

@@ -29,6 +29,11 @@ const PF_X: u32 = 1;
 const PF_W: u32 = 2;
 const PF_R: u32 = 4;
 
+/// The address of the stub's code once loaded.
+pub fn entry(abi: Abi) -> u64 {
+    build(abi).1
+}
+
 /// Builds the stub ELF for `abi`; returns the image and its code address.
 pub fn build(abi: Abi) -> (Vec<u8>, u64) {
     match abi {
