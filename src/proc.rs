@@ -256,6 +256,19 @@ fn parse_fdinfo(text: &str) -> Option<(u64, u32)> {
     Some((pos?, flags?))
 }
 
+/// What kind of thing a non-path fd is, in plain words.
+fn describe_fd(target: &FDTarget) -> String {
+    match target {
+        FDTarget::Pipe(ino) => format!("a pipe (pipe:[{ino}])"),
+        FDTarget::Socket(ino) | FDTarget::Net(ino) => format!("a socket (socket:[{ino}])"),
+        FDTarget::AnonInode(what) => format!("an anonymous inode ({what})"),
+        FDTarget::MemFD(name) => format!("a memfd ({name})"),
+        FDTarget::Other(what, ino) => format!("{what}:[{ino}]"),
+        FDTarget::Unknown(a, b) => format!("{a} {b}"),
+        FDTarget::Path(p) => p.display().to_string(),
+    }
+}
+
 /// Open files, cwd, root and umask.
 pub fn files(pid: Pid) -> Result<FileState> {
     let p = process(pid)?;
@@ -266,7 +279,7 @@ pub fn files(pid: Pid) -> Result<FileState> {
         let unsupported = |what: String| Error::Unsupported { pid, what };
         let path = match &info.target {
             FDTarget::Path(path) => path.clone(),
-            other => return Err(unsupported(format!("fd {fd} ({other:?})"))),
+            other => return Err(unsupported(format!("fd {fd}, {}", describe_fd(other)))),
         };
         if path.to_string_lossy().ends_with(" (deleted)") {
             return Err(unsupported(format!(
