@@ -172,6 +172,8 @@ pub mod nr {
         pub const SETSID: u64 = 112;
         pub const SETPGID: u64 = 109;
         pub const EXIT_GROUP: u64 = 231;
+        pub const RECVMSG: u64 = 47;
+        pub const FCNTL: u64 = 72;
         pub const LSEEK: u64 = 8;
         pub const CLOSE: u64 = 3;
         pub const DUP3: u64 = 292;

@@ -279,6 +279,19 @@ pub fn files(pid: Pid) -> Result<FileState> {
         let unsupported = |what: String| Error::Unsupported { pid, what };
         let path = match &info.target {
             FDTarget::Path(path) => path.clone(),
+            FDTarget::Pipe(ino) => {
+                let (pos, flags) = fdinfo(pid, fd)?;
+                fds.push(Fd {
+                    fd,
+                    kind: FdKind::Pipe,
+                    path: PathBuf::from(format!("pipe:[{ino}]")),
+                    flags,
+                    pos,
+                    dup_of: None,
+                    shared: None,
+                });
+                continue;
+            }
             other => return Err(unsupported(format!("fd {fd}, {}", describe_fd(other)))),
         };
         if path.to_string_lossy().ends_with(" (deleted)") {
@@ -319,6 +332,7 @@ pub fn files(pid: Pid) -> Result<FileState> {
             flags,
             pos,
             dup_of: None,
+            shared: None,
         });
     }
     fds.sort_by_key(|f| f.fd);

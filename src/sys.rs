@@ -567,9 +567,15 @@ pub fn dup(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
 /// `kcmp(pid, pid, KCMP_FILE, a, b)`: do fds `a` and `b` of `pid` share one
 /// open file description?
 pub fn same_open_file(pid: Pid, a: i32, b: i32) -> io::Result<bool> {
+    same_open_file_across(pid, a, pid, b)
+}
+
+/// `kcmp(pa, pb, KCMP_FILE, a, b)`: is fd `a` of `pa` the same open file
+/// description as fd `b` of `pb`?
+pub fn same_open_file_across(pa: Pid, a: i32, pb: Pid, b: i32) -> io::Result<bool> {
     const KCMP_FILE: libc::c_long = 0;
     // SAFETY: kcmp takes only integers.
-    let r = check(unsafe { libc::syscall(libc::SYS_kcmp, pid.0, pid.0, KCMP_FILE, a, b) })?;
+    let r = check(unsafe { libc::syscall(libc::SYS_kcmp, pa.0, pb.0, KCMP_FILE, a, b) })?;
     Ok(r == 0)
 }
 
@@ -591,4 +597,104 @@ pub fn kernel_release() -> String {
 pub fn stderr_is_tty() -> bool {
     // SAFETY: isatty on a constant fd.
     unsafe { libc::isatty(2) == 1 }
+}
+
+/// `pipe2(O_CLOEXEC)`: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut p = [0i32; 2];
+    // SAFETY: p has room for the two fds pipe2 writes.
+    check(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } as libc::c_long)?;
+    // SAFETY: both fds were just made and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) })
+}
+
+/// `fcntl(F_GETPIPE_SZ)`.
+pub fn pipe_capacity(fd: &impl AsRawFd) -> io::Result<u32> {
+    // SAFETY: fcntl on a valid fd with an integer command.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) } as libc::c_long)
+        .map(|n| n as u32)
+}
+
+/// `fcntl(F_SETPIPE_SZ)`.
+pub fn set_pipe_capacity(fd: &impl AsRawFd, size: u32) -> io::Result<()> {
+    // SAFETY: fcntl on a valid fd with integer arguments.
+    check(
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) }
+            as libc::c_long,
+    )
+    .map(drop)
+}
+
+/// `ioctl(FIONREAD)`: bytes waiting to be read.
+pub fn bytes_buffered(fd: &impl AsRawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into n.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } as libc::c_long)?;
+    Ok(n as usize)
+}
+
+/// `tee(input, output, len, SPLICE_F_NONBLOCK)`: copies pipe contents
+/// without consuming them.
+pub fn tee(input: &impl AsRawFd, output: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: tee takes fds and integers only.
+    check(unsafe {
+        libc::tee(
+            input.as_raw_fd(),
+            output.as_raw_fd(),
+            len,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    } as libc::c_long)
+    .map(|n| n as usize)
+}
+
+/// A datagram socket pair for handing fds to restored tasks: the sending
+/// end stays in cryopod (close-on-exec); the receiving end is moved to a
+/// high fd number that is inherited over exec, so every stub has it.
+pub fn courier() -> io::Result<(OwnedFd, i32)> {
+    let mut sv = [0i32; 2];
+    // SAFETY: sv has room for the two fds socketpair writes.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    } as libc::c_long)?;
+    // SAFETY: both fds were just made and are owned by nobody else.
+    let (send, recv) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    // SAFETY: F_DUPFD on a valid fd; the copy is not close-on-exec.
+    let high =
+        check(unsafe { libc::fcntl(recv.as_raw_fd(), libc::F_DUPFD, 1000) } as libc::c_long)?;
+    Ok((send, high as i32))
+}
+
+/// Sends `fd` over the unix socket `sock` (SCM_RIGHTS, one byte of data).
+pub fn send_fd(sock: &impl AsRawFd, fd: RawFd) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg describes `control`, which has room for one cmsg with one
+    // int; CMSG_FIRSTHDR/CMSG_DATA point inside it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd);
+    }
+    // SAFETY: msg and everything it points to live across the call.
+    check(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) } as libc::c_long).map(drop)
 }

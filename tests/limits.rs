@@ -1,6 +1,6 @@
 //! What the image leaves out and what cryopod refuses up front: pages a
 //! process never touched are not saved; a kind of fd it cannot restore
-//! stops the dump with the process left running; a pid in use stops the
+//! (a socket) stops the dump with the process left running; a pid in use stops the
 //! restore with nothing made.
 
 #[macro_use]
@@ -65,8 +65,8 @@ both_widths!(untouched_pages_are_not_saved, |w| {
     fx.expect_pass();
 });
 
-both_widths!(dump_refuses_a_pipe_and_leaves_the_process_running, |w| {
-    let dir = TestDir::new(&format!("pipe-fd-{}", w.bits()));
+both_widths!(dump_refuses_a_socket_and_leaves_the_process_running, |w| {
+    let dir = TestDir::new(&format!("socket-fd-{}", w.bits()));
     let count = dir.join("count");
     let mut cmd = Command::new(common::fixture("counter", w));
     cmd.arg(&count)
@@ -74,13 +74,13 @@ both_widths!(dump_refuses_a_pipe_and_leaves_the_process_running, |w| {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: pipe2, dup2 and close_range are async-signal-safe; this runs
-    // in the forked child just before exec and leaves a pipe on fd 5.
+    // SAFETY: socketpair, dup2 and close_range are async-signal-safe; this
+    // runs in the forked child just before exec and leaves a socket on fd 5.
     unsafe {
         cmd.pre_exec(|| {
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             let mut p = [0i32; 2];
-            if libc::pipe2(p.as_mut_ptr(), 0) == 0 {
+            if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, p.as_mut_ptr()) == 0 {
                 libc::dup2(p[0], 5);
                 libc::close(p[0]);
                 libc::close(p[1]);
@@ -96,7 +96,7 @@ both_widths!(dump_refuses_a_pipe_and_leaves_the_process_running, |w| {
         &dir.path,
         &["dump", "-t", &pid.to_string(), "-D", img.to_str().unwrap()],
     );
-    run.assert_clean_error(&[&pid.to_string(), "fd 5"]);
+    run.assert_clean_error(&[&pid.to_string(), "fd 5", "socket"]);
     assert_running_untraced(pid);
     let now = count_lines(&count);
     assert!(

@@ -1,6 +1,7 @@
 //! `cryopod dump`: freeze a process, write its image, then kill it or let it
 //! go on.
 
+mod files;
 mod freeze;
 mod inside;
 pub mod memory;
@@ -12,7 +13,7 @@ use tracing::{debug, info};
 
 use crate::error::{Error, Result};
 use crate::image::{
-    ImageWriter, Inventory, Rseq, SigInfo, SignalState, TaskImage, ThreadImage, Zombie,
+    FileState, ImageWriter, Inventory, Rseq, SigInfo, SignalState, TaskImage, ThreadImage, Zombie,
 };
 use crate::proc;
 use crate::sys::{self, Pid};
@@ -60,10 +61,15 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
     let mut writer = ImageWriter::new(&opts.dir)?;
 
     let (mut procs, zombies) = freeze_tree(root)?;
+    let mut all_files = Vec::with_capacity(procs.len());
+    for p in &procs {
+        all_files.push((p.pid, proc::files(p.pid)?));
+    }
+    let (shared_files, pipes) = files::share(&mut all_files)?;
     let mut tasks = Vec::with_capacity(procs.len());
     let mut pages = 0;
-    for p in &mut procs {
-        let task = dump_process(p, &mut writer)?;
+    for (p, (_, files)) in procs.iter_mut().zip(all_files) {
+        let task = dump_process(p, files, &mut writer)?;
         pages += task.page_count;
         tasks.push(task.pid);
     }
@@ -73,6 +79,8 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
         root_pid: root,
         tasks,
         zombies,
+        files: shared_files,
+        pipes,
         dumped_at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -154,7 +162,11 @@ fn freeze_tree(root: Pid) -> Result<(Vec<FrozenProc>, Vec<Zombie>)> {
 }
 
 /// Saves one frozen process: its task image and its pages file.
-fn dump_process(p: &mut FrozenProc, writer: &mut ImageWriter) -> Result<TaskImage> {
+fn dump_process(
+    p: &mut FrozenProc,
+    files: FileState,
+    writer: &mut ImageWriter,
+) -> Result<TaskImage> {
     let pid = p.pid;
     let abi = proc::abi(pid)?;
     let ids = proc::ids(pid)?;
@@ -171,7 +183,6 @@ fn dump_process(p: &mut FrozenProc, writer: &mut ImageWriter) -> Result<TaskImag
 
     let mut mm = proc::mm_state(pid)?;
     mm.brk = inside.brk;
-    let files = proc::files(pid)?;
     let (pages, page_count) = memory::plan(pid, &vmas)?;
     memory::write_pages(pid, &vmas, &pages, page_count, writer)?;
 

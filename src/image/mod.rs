@@ -359,6 +359,8 @@ mod tests {
             root_pid: Pid(7),
             tasks: vec![Pid(7)],
             zombies: Vec::new(),
+            files: Vec::new(),
+            pipes: Vec::new(),
             dumped_at: 1,
         }
     }

@@ -19,6 +19,9 @@ pub struct Inventory {
     pub tasks: Vec<Pid>,
     /// Children that exited and were not yet reaped by their parent.
     pub zombies: Vec<Zombie>,
+    /// Open files shared between processes, and pipe ends.
+    pub files: Vec<SharedFile>,
+    pub pipes: Vec<PipeState>,
     /// Seconds since the epoch when the tree was frozen.
     pub dumped_at: u64,
 }
@@ -262,6 +265,8 @@ pub enum FdKind {
     Regular,
     Directory,
     CharDevice,
+    /// One end of a pipe; `path` reads `pipe:[INODE]`.
+    Pipe,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -275,6 +280,31 @@ pub struct Fd {
     /// A lower fd sharing this one's open file description (offset and
     /// flags): restored as a dup of it.
     pub dup_of: Option<i32>,
+    /// The entry of `Inventory::files` this fd is one holder of, for open
+    /// files shared between processes and for every pipe.
+    pub shared: Option<u32>,
+}
+
+/// An open file description held by more than one process, or a pipe end:
+/// cryopod makes it once at restore and hands it to every holder.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SharedFile {
+    pub id: u32,
+    pub kind: FdKind,
+    pub path: PathBuf,
+    pub flags: u32,
+    pub pos: u64,
+    /// For a pipe end: the pipe's inode, a key into `Inventory::pipes`.
+    pub pipe: Option<u64>,
+}
+
+/// A pipe and what was buffered in it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PipeState {
+    pub ino: u64,
+    pub capacity: u32,
+    #[serde(with = "hex_bytes")]
+    pub data: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

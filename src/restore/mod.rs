@@ -6,6 +6,7 @@
 //! with ptrace and syscalls injected into it. No code of ours runs inside the
 //! task, and one 64-bit binary restores tasks of both widths.
 
+mod files;
 mod memory;
 pub(crate) mod spawn;
 mod state;
@@ -191,6 +192,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     let root = &tasks[0].0;
     info!(pid = %root.pid, processes = tasks.len(), abi = root.abi.name(), comm = %root.comm, "restoring");
 
+    let mut shared = files::Shared::new(&inv)?;
     let mut family = spawn::Family::new();
     let stubs = spawn::Stubs::new()?;
     let mut builders: Vec<Builder> = Vec::with_capacity(tasks.len());
@@ -231,7 +233,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     let mut shmem = memory::Shmem::new();
     let mut ready = Vec::with_capacity(builders.len());
     for (b, (_, pages)) in builders.iter().zip(&tasks) {
-        ready.push(build(b, pages, &mut shmem)?);
+        ready.push(build(b, pages, &mut shmem, &mut shared)?);
     }
     for (b, extra) in builders.iter().zip(ready).rev() {
         for t in &extra {
@@ -289,6 +291,7 @@ fn build<'a>(
     b: &'a Builder,
     pages: &std::fs::File,
     shmem: &mut memory::Shmem,
+    shared: &mut files::Shared,
 ) -> Result<Vec<threads::Thread<'a>>> {
     memory::clear_stub(b)?;
     memory::map_vdso(b)?;
@@ -296,7 +299,7 @@ fn build<'a>(
     memory::fill_pages(b, pages, &made)?;
     memory::protect(b, &made)?;
     state::set_mm(b)?;
-    state::files(b)?;
+    state::files(b, shared)?;
     state::limits_and_personality(b)?;
     state::ldt(b)?;
     state::signal_actions(b)?;

@@ -36,7 +36,7 @@ pub fn check_files_exist(task: &TaskImage) -> Result<()> {
             missing(path, "mapped file")?;
         }
     }
-    for f in &task.files.fds {
+    for f in task.files.fds.iter().filter(|f| f.kind != FdKind::Pipe) {
         missing(&f.path, &format!("file of fd {}", f.fd))?;
     }
     missing(&task.files.cwd, "working directory")
@@ -92,13 +92,20 @@ pub fn set_mm(b: &Builder) -> Result<()> {
 
 /// Closes what the stub inherited from cryopod, reopens the dumped fds at
 /// their numbers with their flags and offsets, then cwd, root and umask.
-pub fn files(b: &Builder) -> Result<()> {
+pub fn files(b: &Builder, shared: &mut super::files::Shared) -> Result<()> {
     let fd_dir = format!("/proc/{}/fd", b.pid);
     let inherited: Vec<u64> = std::fs::read_dir(&fd_dir)
         .map_err(|e| Error::proc(&fd_dir, e))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
-    for fd in inherited {
+    let courier = shared.courier_fd() as u64;
+    if b.task.files.fds.iter().any(|f| f.fd as u64 == courier) {
+        return Err(Error::Restore {
+            pid: b.pid,
+            problem: format!("fd {courier} is the one cryopod hands files through; not supported"),
+        });
+    }
+    for fd in inherited.into_iter().filter(|fd| *fd != courier) {
         b.close(fd)?;
     }
     for f in &b.task.files.fds {
@@ -111,6 +118,10 @@ pub fn files(b: &Builder) -> Result<()> {
                 [src, target, cloexec as u64, 0, 0, 0],
                 || format!("fd {src} to {target} (shared open file)"),
             )?;
+            continue;
+        }
+        if let Some(id) = f.shared {
+            shared.give(b, id, f.fd, cloexec != 0)?;
             continue;
         }
         let strip = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC) as u32;
@@ -136,6 +147,7 @@ pub fn files(b: &Builder) -> Result<()> {
         }
         debug!(pid = %b.pid, fd = f.fd, path = %f.path.display(), "fd reopened");
     }
+    b.close(courier)?;
     let files = &b.task.files;
     let at = b.put_path(&files.cwd)?;
     b.inj

@@ -1,0 +1,201 @@
+//! Files that more than one restored process holds (one open file
+//! description), and pipes with what was buffered in them. cryopod makes
+//! each once, in its own process, and hands it to every holder over a unix
+//! socket whose receiving end every stub inherited: `sendmsg(SCM_RIGHTS)`
+//! here, `recvmsg` injected there.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use tracing::debug;
+
+use crate::arch::nr;
+use crate::error::{Error, Result};
+use crate::image::{FdKind, Inventory};
+use crate::sys;
+
+use super::Builder;
+
+const MSGHDR_LEN: usize = 56;
+const F_SETFL: u64 = 4;
+
+pub struct Shared<'a> {
+    inv: &'a Inventory,
+    send: OwnedFd,
+    recv_fd: i32,
+    files: HashMap<u32, OwnedFd>,
+    pipes: HashMap<u64, (OwnedFd, OwnedFd)>,
+}
+
+impl<'a> Shared<'a> {
+    /// Opens the courier; call before the first stub is made, so that it
+    /// inherits the receiving end.
+    pub fn new(inv: &'a Inventory) -> Result<Shared<'a>> {
+        let (send, recv_fd) = sys::courier().map_err(|source| Error::Local {
+            call: "socketpair(AF_UNIX) for handing over files",
+            source,
+        })?;
+        Ok(Shared {
+            inv,
+            send,
+            recv_fd,
+            files: HashMap::new(),
+            pipes: HashMap::new(),
+        })
+    }
+
+    pub fn courier_fd(&self) -> i32 {
+        self.recv_fd
+    }
+
+    /// Makes (once) the open file `id` and installs it in the task as `fd`.
+    pub fn give(&mut self, b: &Builder, id: u32, fd: i32, cloexec: bool) -> Result<()> {
+        let sf = self
+            .inv
+            .files
+            .iter()
+            .find(|f| f.id == id)
+            .ok_or_else(|| Error::Restore {
+                pid: b.pid,
+                problem: format!("fd {fd} refers to shared file {id}, which the inventory lacks"),
+            })?;
+        let local = match sf.pipe {
+            Some(ino) => self.pipe_end(b, ino, sf.flags)?.as_raw_fd(),
+            None => self.file(b, id)?.as_raw_fd(),
+        };
+        sys::send_fd(&self.send, local).map_err(|source| Error::Local {
+            call: "sendmsg(SCM_RIGHTS)",
+            source,
+        })?;
+        let got = self.receive(b)?;
+        let target = fd as u64;
+        if got != target {
+            let flags = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+            b.inj.call(
+                "dup3",
+                nr::x86_64::DUP3,
+                [got, target, flags, 0, 0, 0],
+                || format!("fd {got} to {target}"),
+            )?;
+            b.close(got)?;
+        }
+        if sf.kind == FdKind::Pipe {
+            let keep = (libc::O_NONBLOCK | libc::O_DIRECT) as u32;
+            b.inj.call(
+                "fcntl(F_SETFL)",
+                nr::x86_64::FCNTL,
+                [target, F_SETFL, (sf.flags & keep) as u64, 0, 0, 0],
+                || format!("fd {target}"),
+            )?;
+        }
+        debug!(pid = %b.pid, fd, id, path = %sf.path.display(), "shared fd handed over");
+        Ok(())
+    }
+
+    fn file(&mut self, b: &Builder, id: u32) -> Result<&OwnedFd> {
+        if !self.files.contains_key(&id) {
+            let sf = self
+                .inv
+                .files
+                .iter()
+                .find(|f| f.id == id)
+                .ok_or_else(|| Error::Restore {
+                    pid: b.pid,
+                    problem: format!("no shared file {id}"),
+                })?;
+            let strip =
+                (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_ACCMODE)
+                    as u32;
+            let acc = sf.flags & libc::O_ACCMODE as u32;
+            let mut file: File = OpenOptions::new()
+                .read(acc != libc::O_WRONLY as u32)
+                .write(acc != libc::O_RDONLY as u32)
+                .custom_flags(((sf.flags & !strip) | libc::O_NOCTTY as u32) as i32)
+                .open(&sf.path)
+                .map_err(|e| Error::Restore {
+                    pid: b.pid,
+                    problem: format!("opening {}: {e}", sf.path.display()),
+                })?;
+            if sf.kind != FdKind::CharDevice {
+                file.seek(SeekFrom::Start(sf.pos))
+                    .map_err(|e| Error::Restore {
+                        pid: b.pid,
+                        problem: format!("seeking {} to {}: {e}", sf.path.display(), sf.pos),
+                    })?;
+            }
+            self.files.insert(id, OwnedFd::from(file));
+        }
+        Ok(&self.files[&id])
+    }
+
+    fn pipe_end(&mut self, b: &Builder, ino: u64, flags: u32) -> Result<&OwnedFd> {
+        if !self.pipes.contains_key(&ino) {
+            let state = self
+                .inv
+                .pipes
+                .iter()
+                .find(|p| p.ino == ino)
+                .ok_or_else(|| Error::Restore {
+                    pid: b.pid,
+                    problem: format!("no saved state for pipe:[{ino}]"),
+                })?;
+            let io = |call| move |source| Error::Local { call, source };
+            let (r, w) = sys::pipe().map_err(io("pipe2"))?;
+            sys::set_pipe_capacity(&w, state.capacity.max(state.data.len() as u32))
+                .map_err(io("fcntl(F_SETPIPE_SZ)"))?;
+            let w = OwnedFd::from({
+                let mut f = File::from(w);
+                f.write_all(&state.data)
+                    .map_err(io("write(pipe contents)"))?;
+                f
+            });
+            self.pipes.insert(ino, (r, w));
+        }
+        let (r, w) = &self.pipes[&ino];
+        Ok(if flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
+            r
+        } else {
+            w
+        })
+    }
+
+    /// Injects `recvmsg` on the courier; returns the fd the task received.
+    fn receive(&self, b: &Builder) -> Result<u64> {
+        let base = b.scratch();
+        let (iov, control, byte) = (base + 64, base + 128, base + 256);
+        let mut msg = Vec::with_capacity(MSGHDR_LEN + 64);
+        // msg_name, msg_namelen(+pad), msg_iov, msg_iovlen, msg_control,
+        // msg_controllen, msg_flags(+pad)
+        for w in [0, 0, iov, 1, control, 64, 0] {
+            msg.extend_from_slice(&w.to_le_bytes());
+        }
+        msg.resize(64, 0);
+        msg.extend_from_slice(&byte.to_le_bytes());
+        msg.extend_from_slice(&1u64.to_le_bytes());
+        b.put(0, &msg)?;
+        b.put(128, &[0u8; 64])?;
+        b.inj.call(
+            "recvmsg",
+            nr::x86_64::RECVMSG,
+            [self.recv_fd as u64, base, 0, 0, 0, 0],
+            || format!("on fd {}", self.recv_fd),
+        )?;
+        let cmsg = sys::read_remote(b.pid, control, 20).map_err(|source| Error::Sys {
+            call: "process_vm_readv(cmsg)",
+            pid: b.pid,
+            source,
+        })?;
+        let level = i32::from_le_bytes(cmsg[8..12].try_into().unwrap_or_default());
+        let kind = i32::from_le_bytes(cmsg[12..16].try_into().unwrap_or_default());
+        if cmsg.len() != 20 || level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS {
+            return Err(Error::Restore {
+                pid: b.pid,
+                problem: "recvmsg brought no file descriptor".into(),
+            });
+        }
+        Ok(i32::from_le_bytes(cmsg[16..20].try_into().unwrap_or_default()) as u64)
+    }
+}
