@@ -147,6 +147,16 @@ pub fn vmas(pid: Pid) -> Result<Vec<Vma>> {
                     offset: m.offset,
                 }
             }
+            // A shared mapping of a deleted file (a POSIX semaphore or shm
+            // object after shm_unlink): its pages are all there is of it,
+            // so it is saved and made again like shared anonymous memory.
+            // Shortcoming: /proc then names it /dev/zero, not the old path.
+            MMapPath::Path(p) if shared && p.to_string_lossy().ends_with(" (deleted)") => {
+                VmaKind::SharedAnon {
+                    inode: m.inode,
+                    offset: m.offset,
+                }
+            }
             MMapPath::Path(p) => {
                 if p.to_string_lossy().ends_with(" (deleted)") {
                     return Err(unsupported(format!(
