@@ -26,3 +26,5 @@ both_widths!(files, |w| baseline("files", w, &[]));
 both_widths!(ldt, |w| baseline("ldt", w, &[]));
 both_widths!(modeswitch, |w| baseline("modeswitch", w, &[]));
 both_widths!(threads, |w| baseline("threads", w, &[]));
+both_widths!(threads_state, |w| baseline("threads_state", w, &[]));
+both_widths!(threads_race, |w| baseline("threads_race", w, &[]));

@@ -70,3 +70,51 @@ both_widths!(syscall_sigsuspend, |w| {
     kill(fx.pid, libc::SIGUSR1);
     fx.expect_pass();
 });
+
+/// Per-thread signal state of every task of `pid`, as /proc shows it:
+/// (tid, SigBlk, SigPnd) sorted by tid.
+fn task_signals(pid: u32) -> Vec<(u32, String, String)> {
+    let mut tasks: Vec<(u32, String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"))
+        .map(|e| {
+            let tid: u32 = e.unwrap().file_name().to_string_lossy().parse().unwrap();
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+                .unwrap_or_default();
+            let get = |f: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(f))
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            };
+            (tid, get("SigBlk:"), get("SigPnd:"))
+        })
+        .collect();
+    tasks.sort();
+    tasks
+}
+
+// Four threads with their own TLS, masks, pending signals, altstacks,
+// registers, robust lists and rseq; see tests/fixtures/threads_state.c.
+both_widths!(threads_state, |w| round_trip("threads_state", w, &[]));
+both_widths!(threads_state_detached, |w| {
+    let mut fx = Fixture::start("threads_state", w, &[]);
+    let before = ProcView::take(fx.pid);
+    let tasks_before = task_signals(fx.pid);
+    assert_eq!(
+        tasks_before.len(),
+        5,
+        "expected 5 threads: {tasks_before:?}"
+    );
+    fx.dump(&[]);
+    fx.restore_detached();
+    before.assert_same(&ProcView::take(fx.pid));
+    assert_eq!(
+        tasks_before,
+        task_signals(fx.pid),
+        "threads (tid, SigBlk, SigPnd) before and after the restore differ"
+    );
+    fx.go();
+    fx.expect_pass();
+});
