@@ -128,3 +128,94 @@ both_widths!(detached_process_runs_on, |w| {
     fx.go();
     fx.expect_pass();
 });
+
+// python3 with three `threading` threads, each counting into a file of its
+// own every 20 ms while the main thread waits in join: every thread's
+// sequence must go on after the restore with no gap and no repeat.
+#[test]
+fn python3_threads_64bit() {
+    let dir = TestDir::new("python-threads");
+    let script = "import threading, time\n\
+                  def count(n):\n    \
+                      i = 0\n    \
+                      while True:\n        \
+                          i += 1\n        \
+                          with open(f'out{n}', 'a') as f:\n            \
+                              f.write(f'{i}\\n')\n        \
+                          time.sleep(0.02)\n\
+                  ts = [threading.Thread(target=count, args=(n,)) for n in range(3)]\n\
+                  for t in ts:\n    \
+                      t.start()\n\
+                  for t in ts:\n    \
+                      t.join()\n";
+    let mut child = start_in(&dir, Command::new("/usr/bin/python3").args(["-c", script]));
+    let pid = child.id();
+    let files: Vec<_> = (0..3).map(|n| dir.join(&format!("out{n}"))).collect();
+    assert!(
+        wait_for(Duration::from_secs(20), || files
+            .iter()
+            .all(|f| count_lines(f) >= 5)),
+        "the threads never counted to 5; log:\n{}",
+        std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+    );
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    assert_eq!(threads, 4, "python should run 4 threads");
+    let img = dir.join("img");
+    common::cryopod(
+        &dir.path,
+        &["dump", "-t", &pid.to_string(), "-D", img.to_str().unwrap()],
+    )
+    .assert_ok();
+    let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("still alive");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "not killed by the dump"
+    );
+    let at_dump: Vec<usize> = files
+        .iter()
+        .map(|f| {
+            let nums = read_counter(f);
+            assert_consecutive(&format!("{} before the dump", f.display()), &nums, 1);
+            nums.len()
+        })
+        .collect();
+
+    assert!(!pid_exists(pid));
+    let mut restore = spawn_restore(&dir.path, &img);
+    let grew = wait_for(Duration::from_secs(20), || {
+        files
+            .iter()
+            .zip(&at_dump)
+            .all(|(f, n)| count_lines(f) >= n + 10)
+    });
+    let threads_after = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    kill(pid, libc::SIGKILL);
+    let status = wait_timeout(&mut restore, Duration::from_secs(10));
+    let log = common::restore_log(&dir.path);
+    assert!(
+        grew,
+        "not every restored thread counted on (lines at dump {at_dump:?}, now {:?})\n{log}",
+        files.iter().map(|f| count_lines(f)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        threads_after, 4,
+        "the restored python runs {threads_after} threads"
+    );
+    assert_eq!(
+        status.map(common::exit_code),
+        Some(128 + libc::SIGKILL),
+        "restore should report the SIGKILL we sent\n{log}"
+    );
+    for f in &files {
+        assert_consecutive(
+            &format!("{} across the restore", f.display()),
+            &read_counter(f),
+            1,
+        );
+    }
+}
