@@ -520,6 +520,16 @@ impl FileMap {
         self.ptr
     }
 
+    /// `len` bytes at `offset`, or `None` past the end of the mapping.
+    pub fn slice(&self, offset: usize, len: usize) -> Option<&[u8]> {
+        if offset.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: offset + len lies inside the live mapping, which is only
+        // read through this shared borrow while it exists.
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.add(offset), len) })
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

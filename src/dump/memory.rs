@@ -29,9 +29,10 @@ fn page_is_saved(vma: &Vma, pm: u64) -> bool {
         VmaKind::File { .. } => pm & PM_SWAP != 0 || (pm & PM_PRESENT != 0 && pm & PM_FILE == 0),
         // Anonymous (private or shared): every page that exists. Pages never
         // touched are neither present nor swapped and are left out.
-        // Shortcoming: a shared anonymous page that another process touched
-        // but this one never mapped is not seen here; trees (where that can
-        // happen) should read such objects through /proc/PID/map_files.
+        // A shared page is saved by every process that has it mapped, and
+        // restore writes each process's pages into the one object, so the
+        // object gets the union. Shortcoming: a page of the object that no
+        // process had mapped when frozen is not seen and comes back zero.
         VmaKind::Anon | VmaKind::SharedAnon { .. } => pm & (PM_PRESENT | PM_SWAP) != 0,
         VmaKind::Vdso { .. } | VmaKind::Vsyscall => false,
     }

@@ -10,7 +10,7 @@ use tracing::debug;
 use crate::arch::{Abi, nr};
 use crate::dump::memory::progress;
 use crate::error::{Error, Result};
-use crate::image::{PAGE_SIZE, TaskImage, Vma, VmaKind};
+use crate::image::{PAGE_SIZE, PageRun, TaskImage, Vma, VmaKind};
 use crate::sys::{self, FileMap, Pid, Transfer};
 
 use super::{Builder, PARK_LEN, stub};
@@ -38,14 +38,33 @@ fn current_ranges(pid: Pid) -> Result<Vec<(u64, u64, String)>> {
         .collect())
 }
 
-/// A hole below 4 GiB that neither the dumped task nor the stub uses.
-pub fn parking_address(task: &TaskImage, pid: Pid) -> Result<u64> {
-    let mut used: Vec<(u64, u64)> = task.vmas.iter().map(|v| (v.start, v.end)).collect();
+/// A hole below 4 GiB that no dumped process of the tree uses, nor the root
+/// stub (`pid`), nor any stub's image: one address for the whole tree, so
+/// a child forked after its parent's memory is built finds the parking
+/// page where it expects it.
+pub fn parking_address(tasks: &[&TaskImage], pid: Pid) -> Result<u64> {
+    let mut used: Vec<(u64, u64)> = tasks
+        .iter()
+        .flat_map(|t| t.vmas.iter().map(|v| (v.start, v.end)))
+        .collect();
     used.extend(current_ranges(pid)?.into_iter().map(|(a, b, _)| (a, b)));
+    used.push((stub::BASE_64, stub::BASE_64 + PAGE_SIZE));
+    used.push((stub::BASE_32, stub::BASE_32 + PAGE_SIZE));
     crate::proc::find_hole(&mut used, PARK_LEN).ok_or_else(|| Error::Restore {
         pid,
         problem: format!("no free {PARK_LEN:#x} bytes below 4 GiB for the restorer's parking page"),
     })
+}
+
+/// Builds the memory of a freshly exec'd stub from the image: removes the
+/// stub's own mappings, places the vDSO, makes and fills every mapping and
+/// sets protections.
+pub fn build_fresh(b: &Builder, pages: &File, shmem: &mut Shmem) -> Result<()> {
+    clear_stub(b)?;
+    map_vdso(b)?;
+    let made = map_all(b, shmem)?;
+    fill_pages(b, pages, &made, &b.task.pages)?;
+    protect(b, &made)
 }
 
 /// Maps the parking area and moves the injection code there.
@@ -275,9 +294,9 @@ fn map_one(
 
 /// Copies the saved pages into place with `process_vm_writev` straight from
 /// a mapping of the pages file: one copy per page.
-pub fn fill_pages(b: &Builder, pages: &File, made: &[Made]) -> Result<()> {
+pub fn fill_pages(b: &Builder, pages: &File, made: &[Made], runs: &[PageRun]) -> Result<()> {
     let task = b.task;
-    if task.page_count == 0 {
+    if task.page_count == 0 || runs.is_empty() {
         return Ok(());
     }
     let len = (PAGE_SIZE * (1 + task.page_count)) as usize;
@@ -290,7 +309,7 @@ pub fn fill_pages(b: &Builder, pages: &File, made: &[Made]) -> Result<()> {
     let mut batch = Vec::new();
     let mut bytes = 0usize;
     let mut forced = Vec::new();
-    for run in &task.pages {
+    for run in runs {
         let offset = ((1 + run.first) * PAGE_SIZE) as usize;
         let n = (run.pages * PAGE_SIZE) as usize;
         let writable = made
@@ -380,5 +399,161 @@ pub fn protect(b: &Builder, made: &[Made]) -> Result<()> {
             || format!("{:#x}+{:#x} to {:#x}", m.start, m.len, m.want),
         )?;
     }
+    Ok(())
+}
+
+fn page_at(m: &FileMap, index: u64) -> Option<&[u8]> {
+    m.slice(((1 + index) * PAGE_SIZE) as usize, PAGE_SIZE as usize)
+}
+
+fn same_mapping(a: &Vma, b: &Vma) -> bool {
+    a.start == b.start
+        && a.end == b.end
+        && a.prot == b.prot
+        && a.shared == b.shared
+        && a.kind == b.kind
+}
+
+/// Builds the memory of a process forked (without exec) from its parent
+/// after the parent's memory was built, so that what the two still shared
+/// copy-on-write when dumped is shared again: mappings the child has as the
+/// parent has them are kept, and of their pages only those whose content
+/// differs from the parent's are written; pages the parent has there and
+/// the child had not are dropped (`MADV_DONTNEED`). Everything else is made
+/// as for a fresh process.
+pub fn build_inherited(
+    b: &Builder,
+    parent: &TaskImage,
+    parent_pages: &File,
+    pages: &File,
+    shmem: &mut Shmem,
+) -> Result<()> {
+    let task = b.task;
+    let kept = |v: &Vma| parent.vmas.iter().any(|p| same_mapping(p, v));
+    for p in parent.vmas.iter().filter(|p| p.is_restored()) {
+        if !task.vmas.iter().any(|v| same_mapping(p, v)) {
+            b.inj.call(
+                "munmap",
+                nr::x86_64::MUNMAP,
+                [p.start, p.len(), 0, 0, 0, 0],
+                || format!("inherited mapping {:#x}-{:#x}", p.start, p.end),
+            )?;
+        }
+    }
+    let vdso = |t: &TaskImage| -> Vec<(u64, u64)> {
+        t.vmas
+            .iter()
+            .filter(|v| matches!(v.kind, VmaKind::Vdso { .. }))
+            .map(|v| (v.start, v.end))
+            .collect()
+    };
+    if vdso(parent) != vdso(task) {
+        for (start, end) in vdso(parent) {
+            b.inj.call(
+                "munmap",
+                nr::x86_64::MUNMAP,
+                [start, end - start, 0, 0, 0, 0],
+                || format!("inherited vDSO part {start:#x}-{end:#x}"),
+            )?;
+        }
+        map_vdso(b)?;
+    }
+
+    let mut fds: HashMap<(PathBuf, bool), u64> = HashMap::new();
+    let mut made = Vec::new();
+    let result = (|| {
+        for v in task.vmas.iter().filter(|v| v.is_restored() && !kept(v)) {
+            made.push(map_one(b, v, &mut fds, shmem)?);
+        }
+        Ok(())
+    })();
+    for fd in fds.into_values() {
+        b.close(fd)?;
+    }
+    result?;
+    let new = made.len();
+    for v in task.vmas.iter().filter(|v| v.is_restored() && kept(v)) {
+        made.push(Made {
+            start: v.start,
+            len: v.len(),
+            now: v.prot.bits(),
+            want: v.prot.bits(),
+        });
+    }
+
+    let map_of = |f: &File, count: u64| {
+        FileMap::new(f, (PAGE_SIZE * (1 + count)) as usize, false).map_err(|source| Error::Local {
+            call: "mmap(pages file)",
+            source,
+        })
+    };
+    let pmap = map_of(parent_pages, parent.page_count)?;
+    let cmap = map_of(pages, task.page_count)?;
+    // Private mappings kept from the parent: their pages may be shared.
+    let cow = |addr: u64| {
+        task.vmas
+            .iter()
+            .find(|v| v.start <= addr && addr < v.end)
+            .is_some_and(|v| !v.shared && kept(v))
+    };
+    let mut parent_index: HashMap<u64, u64> = HashMap::new();
+    for run in &parent.pages {
+        for i in 0..run.pages {
+            let addr = run.addr + i * PAGE_SIZE;
+            if cow(addr) {
+                parent_index.insert(addr, run.first + i);
+            }
+        }
+    }
+    let mut writes: Vec<PageRun> = Vec::new();
+    let mut shared_pages = 0u64;
+    for run in &task.pages {
+        for i in 0..run.pages {
+            let addr = run.addr + i * PAGE_SIZE;
+            let index = run.first + i;
+            // Pages of a kept shared object are written too: the object is
+            // the parent's, but a page only this process had mapped is in
+            // this image alone.
+            if let Some(pi) = parent_index.remove(&addr)
+                && page_at(&pmap, pi).is_some()
+                && page_at(&pmap, pi) == page_at(&cmap, index)
+            {
+                shared_pages += 1;
+                continue;
+            }
+            match writes.last_mut() {
+                Some(w) if w.addr + w.pages * PAGE_SIZE == addr && w.first + w.pages == index => {
+                    w.pages += 1
+                }
+                _ => writes.push(PageRun {
+                    addr,
+                    pages: 1,
+                    first: index,
+                }),
+            }
+        }
+    }
+    fill_pages(b, pages, &made, &writes)?;
+    // What is left in parent_index the parent has and the child had not.
+    let mut drop: Vec<u64> = parent_index.into_keys().collect();
+    drop.sort_unstable();
+    let mut i = 0;
+    while i < drop.len() {
+        let start = drop[i];
+        let mut end = start + PAGE_SIZE;
+        while i + 1 < drop.len() && drop[i + 1] == end {
+            end += PAGE_SIZE;
+            i += 1;
+        }
+        b.inj.call(
+            "madvise(MADV_DONTNEED)",
+            nr::x86_64::MADVISE,
+            [start, end - start, libc::MADV_DONTNEED as u64, 0, 0, 0],
+            || format!("{start:#x}-{end:#x}"),
+        )?;
+        i += 1;
+    }
+    protect(b, &made[..new])?;
+    debug!(pid = %b.pid, shared_pages, written = writes.iter().map(|w| w.pages).sum::<u64>(), "memory built from the parent's");
     Ok(())
 }

@@ -57,7 +57,7 @@ pub(crate) struct Builder<'a> {
 impl<'a> Builder<'a> {
     /// Takes over a freshly exec'd stub (code at `code`): blocks its signals
     /// and parks it.
-    fn new(task: &'a TaskImage, pid: Pid, code: u64) -> Result<Builder<'a>> {
+    fn new(task: &'a TaskImage, pid: Pid, code: u64, park: u64) -> Result<Builder<'a>> {
         let regs = sys::ptrace_getregs(pid).map_err(|source| Error::Ptrace {
             request: "PTRACE_GETREGS",
             pid,
@@ -69,25 +69,32 @@ impl<'a> Builder<'a> {
             code + stub::SYSCALL_OFF,
             Some(code + stub::INT80_OFF),
         );
-        Builder::with_injector(task, inj)
+        Builder::with_injector(task, inj, park)
     }
 
-    fn with_injector(task: &'a TaskImage, inj: Injector) -> Result<Builder<'a>> {
+    /// Takes over a stopped stub: blocks its signals and maps its parking
+    /// page at `park`.
+    fn with_injector(task: &'a TaskImage, inj: Injector, park: u64) -> Result<Builder<'a>> {
+        let mut b = Builder::inherited(task, inj, park)?;
+        memory::park(&mut b)?;
+        Ok(b)
+    }
+
+    /// Takes over a child forked without exec, which inherited its parent's
+    /// parking page (and code) at `park`.
+    fn inherited(task: &'a TaskImage, inj: Injector, park: u64) -> Result<Builder<'a>> {
         let pid = inj.pid();
         sys::ptrace_set_sigmask(pid, !0).map_err(|source| Error::Ptrace {
             request: "PTRACE_SETSIGMASK",
             pid,
             source,
         })?;
-        let park = memory::parking_address(task, pid)?;
-        let mut b = Builder {
+        Ok(Builder {
             pid,
             task,
             inj,
             park,
-        };
-        memory::park(&mut b)?;
-        Ok(b)
+        })
     }
 
     /// The main thread's image (read_task checked there is one).
@@ -160,17 +167,20 @@ impl<'a> Builder<'a> {
 /// Restores the image in `opts.dir`.
 ///
 /// Order, and why: everything in the image is read and checked before any
-/// process exists. Then the tree of stubs is made, parents first: the root
-/// as cryopod's child with its dumped pid, every other process forked from
-/// its restored parent with its pid and exec'd into the stub of its own
-/// width; sessions and groups are set as they are made. Then each process
-/// is built: a parking page is mapped and the stub's own mappings removed;
-/// the vDSO placed, every mapping made and filled, protections set; the mm
-/// fields (which need the final mappings and no stub mapped); files,
-/// limits, personality, LDT and signal actions; its other threads and every
-/// thread's own state. Last, children before parents, every thread gets
-/// its registers, the main thread at the exit of the syscall that unmaps
-/// the parking page, so the first user instruction each runs is its own.
+/// process exists. Then the processes are made, parents first, and each
+/// one's memory built before its children are forked: the root as
+/// cryopod's child with its dumped pid; every other process forked from its
+/// restored parent with its pid, keeping the parent's memory (so pages
+/// shared copy-on-write stay shared) when it has the parent's width, or
+/// exec'ing the stub of its own width when not. Sessions and groups are set
+/// as processes are made; zombies are forked and made to exit. Then each
+/// process gets the rest: the mm fields (which need the final mappings and
+/// no stub mapped); files (after every fork, so the handover socket and
+/// stub memfds are still there to inherit); limits, personality, LDT,
+/// signal actions; its other threads and every thread's own state. Last,
+/// children before parents, every thread gets its registers, the main
+/// thread at the exit of the syscall that unmaps the parking page, so the
+/// first user instruction each runs is its own.
 pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     let started = Instant::now();
     let inv = image::read_inventory(&opts.dir)?;
@@ -196,24 +206,41 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     let mut family = spawn::Family::new();
     let stubs = spawn::Stubs::new()?;
     let mut builders: Vec<Builder> = Vec::with_capacity(tasks.len());
-    for (task, _) in &tasks {
-        let b = match builders
-            .iter()
-            .find(|p| p.pid == task.ppid && task.pid != root.pid)
-        {
+    let mut shmem = memory::Shmem::new();
+    let images: Vec<&TaskImage> = tasks.iter().map(|(t, _)| t).collect();
+    let mut park = 0;
+    for (i, (task, pages)) in tasks.iter().enumerate() {
+        let parent = builders.iter().position(|p| p.pid == task.ppid && i > 0);
+        let b = match parent {
             None => {
                 let (pid, code) = spawn::spawn(&mut family, &stubs, Some(task.pid), task.abi)?;
-                Builder::new(task, pid, code)?
+                park = memory::parking_address(&images, pid)?;
+                let b = Builder::new(task, pid, code, park)?;
+                state::session(&b, true, &inv.tasks)?;
+                memory::build_fresh(&b, pages, &mut shmem)?;
+                b
             }
-            Some(parent) => {
+            Some(pi) => {
+                let parent = &builders[pi];
                 let mut inj = spawn::fork(&mut family, &parent.inj, parent.scratch(), task.pid)?;
-                let code = spawn::exec_stub(&inj, &stubs, parent.scratch(), task.abi)?;
-                inj.rebase()?;
-                inj.set_code(code + stub::SYSCALL_OFF, Some(code + stub::INT80_OFF));
-                Builder::with_injector(task, inj)?
+                if task.abi == parent.task.abi {
+                    // Same width: keep what the parent's memory gives, so
+                    // copy-on-write sharing survives.
+                    let b = Builder::inherited(task, inj, park)?;
+                    state::session(&b, true, &inv.tasks)?;
+                    memory::build_inherited(&b, parent.task, &tasks[pi].1, pages, &mut shmem)?;
+                    b
+                } else {
+                    let code = spawn::exec_stub(&inj, &stubs, parent.scratch(), task.abi)?;
+                    inj.rebase()?;
+                    inj.set_code(code + stub::SYSCALL_OFF, Some(code + stub::INT80_OFF));
+                    let b = Builder::with_injector(task, inj, park)?;
+                    state::session(&b, true, &inv.tasks)?;
+                    memory::build_fresh(&b, pages, &mut shmem)?;
+                    b
+                }
             }
         };
-        state::session(&b, true, &inv.tasks)?;
         builders.push(b);
     }
     for z in &inv.zombies {
@@ -230,10 +257,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
         state::session(b, false, &inv.tasks)?;
     }
 
-    let mut shmem = memory::Shmem::new();
     let mut ready = Vec::with_capacity(builders.len());
-    for (b, (_, pages)) in builders.iter().zip(&tasks) {
-        ready.push(build(b, pages, &mut shmem, &mut shared)?);
+    for b in &builders {
+        ready.push(build(b, &mut shared)?);
     }
     for (b, extra) in builders.iter().zip(ready).rev() {
         for t in &extra {
@@ -287,17 +313,9 @@ fn check_tree(inv: &image::Inventory, tasks: &[&TaskImage]) -> std::result::Resu
 
 /// Builds one process up to, not including, its registers. Returns its
 /// other threads, created and stopped.
-fn build<'a>(
-    b: &'a Builder,
-    pages: &std::fs::File,
-    shmem: &mut memory::Shmem,
-    shared: &mut files::Shared,
-) -> Result<Vec<threads::Thread<'a>>> {
-    memory::clear_stub(b)?;
-    memory::map_vdso(b)?;
-    let made = memory::map_all(b, shmem)?;
-    memory::fill_pages(b, pages, &made)?;
-    memory::protect(b, &made)?;
+/// Builds everything of one process but its memory (made already) and its
+/// registers. Returns its other threads, created and stopped.
+fn build<'a>(b: &'a Builder, shared: &mut files::Shared) -> Result<Vec<threads::Thread<'a>>> {
     state::set_mm(b)?;
     state::files(b, shared)?;
     state::limits_and_personality(b)?;
