@@ -28,3 +28,14 @@ both_widths!(modeswitch, |w| baseline("modeswitch", w, &[]));
 both_widths!(threads, |w| baseline("threads", w, &[]));
 both_widths!(threads_state, |w| baseline("threads_state", w, &[]));
 both_widths!(threads_race, |w| baseline("threads_race", w, &[]));
+// A tree of both widths (the root execs the other width's build, which
+// must be built too).
+both_widths!(tree, |w| {
+    common::fixture("tree", common::Width::W64);
+    common::fixture("tree", common::Width::W32);
+    let shape = match w {
+        common::Width::W64 => "64,32,64",
+        common::Width::W32 => "32,64,32",
+    };
+    baseline("tree", w, &[shape])
+});
