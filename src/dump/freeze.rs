@@ -61,6 +61,13 @@ impl Frozen {
                 pid,
                 source,
             })?;
+            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                // It exited between the seize and the stop: nothing to
+                // detach from, nothing to dump.
+                let mut gone = frozen;
+                gone.done = true;
+                return Err(Error::NoSuchProcess(pid));
+            }
             if !libc::WIFSTOPPED(status) {
                 return Err(Error::UnexpectedStop {
                     pid,
@@ -152,21 +159,48 @@ pub fn freeze_process(pid: Pid) -> Result<Vec<Frozen>> {
             if frozen.iter().any(|f| f.pid == tid) {
                 continue;
             }
-            match Frozen::new(tid) {
-                Ok(f) => {
-                    frozen.push(f);
-                    added = true;
-                }
-                // A thread that exited between the listing and the seize.
-                Err(Error::Ptrace { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => {
-                }
-                Err(e) => return Err(e),
+            if let Some(f) = freeze_thread(pid, tid)? {
+                frozen.push(f);
+                added = true;
             }
         }
         if !added {
             return Ok(frozen);
         }
     }
+}
+
+/// Freezes one non-main thread; `None` when it exited meanwhile. A thread
+/// on its way out refuses PTRACE_SEIZE (EPERM) until it is gone, so a
+/// refusal is retried for a short while before it counts.
+fn freeze_thread(pid: Pid, tid: Pid) -> Result<Option<Frozen>> {
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    };
+    for _ in 0..100 {
+        match Frozen::new(tid) {
+            Ok(f) => return Ok(Some(f)),
+            // Exited between the listing and the seize, or before it stopped.
+            Err(Error::Ptrace { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => {
+                return Ok(None);
+            }
+            Err(Error::NoSuchProcess(_)) => return Ok(None),
+            Err(Error::Ptrace { .. }) => {
+                if !alive() {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                if !alive() {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Frozen::new(tid).map(Some)
 }
 
 /// Lets every thread run on as it was.
