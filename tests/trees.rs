@@ -65,6 +65,7 @@ struct Node {
     session: String,
     zombie: bool,
     exe: Option<PathBuf>,
+    threads: usize,
 }
 
 fn node(pid: u32) -> Node {
@@ -84,6 +85,7 @@ fn node(pid: u32) -> Node {
         session: rest[3].to_owned(),
         zombie: rest[0] == "Z",
         exe: fs::read_link(format!("/proc/{pid}/exe")).ok(),
+        threads: fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count()),
     }
 }
 
@@ -146,7 +148,7 @@ fn start_tree(shape: &str) -> (Fixture, TreeGuard, BTreeMap<u32, Node>) {
         common::fixture("tree", Width::W64),
         common::fixture("tree", Width::W32),
     ];
-    let root_width = width_of(shape.split(',').next().unwrap());
+    let root_width = width_of(shape.split(',').next().unwrap().trim_end_matches('t'));
     let fx = Fixture::start("tree", root_width, &[shape]);
     let view = tree_view(fx.pid);
     let guard = TreeGuard {
@@ -161,6 +163,11 @@ fn start_tree(shape: &str) -> (Fixture, TreeGuard, BTreeMap<u32, Node>) {
         3 * levels
     );
     assert_eq!(view.values().filter(|n| n.zombie).count(), levels);
+    assert_eq!(
+        view.values().filter(|n| n.threads == 2).count(),
+        shape.matches('t').count(),
+        "threaded nodes of {shape}: {view:#?}"
+    );
     (fx, guard, view)
 }
 
@@ -232,6 +239,8 @@ tree_tests!(tree_64_32_64, "64,32,64");
 tree_tests!(tree_32_64_32, "32,64,32");
 tree_tests!(tree_64_64, "64,64");
 tree_tests!(tree_32_32, "32,32");
+// "t": that process runs a second thread too.
+tree_tests!(tree_threaded_64_32_64, "64t,32t,64t");
 
 // busybox sh (i386) forking `busybox sleep` on each iteration: the dump
 // takes the shell and whichever child it has at that moment; after the
