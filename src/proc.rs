@@ -319,6 +319,8 @@ pub fn files(pid: Pid) -> Result<FileState> {
             FdKind::Directory
         } else if ft.is_char_device() {
             FdKind::CharDevice
+        } else if ft.is_fifo() {
+            FdKind::Fifo
         } else {
             return Err(unsupported(format!(
                 "fd {fd} on {} (not a regular file, directory or character device)",

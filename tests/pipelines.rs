@@ -162,3 +162,16 @@ fn python3_multiprocessing_pool() {
     let child = start_in(&dir, Command::new("/usr/bin/python3").args(["-c", script]));
     dump_restore_tree(&dir, child, &dir.join("out"), 4);
 }
+
+#[test]
+fn busybox_fifo_32bit() {
+    let dir = TestDir::new("busybox-fifo");
+    // A named pipe between two processes, filled ahead of the reader.
+    let script = "busybox mkfifo f; busybox seq 1 1000000 > f & \
+                  while read i; do echo $i >> out; busybox usleep 2000; done < f";
+    let child = start_in(
+        &dir,
+        Command::new("/bin/busybox").args(["sh", "-c", script]),
+    );
+    dump_restore_tree(&dir, child, &dir.join("out"), 2);
+}

@@ -71,13 +71,14 @@ pub fn share(files: &mut [(Pid, FileState)]) -> Result<(Vec<SharedFile>, Vec<Pip
             };
             let g = &groups[gi];
             let across = g.holders.iter().any(|h| h != &g.pid);
-            if f.kind != FdKind::Pipe && !across {
+            let pipe_like = matches!(f.kind, FdKind::Pipe | FdKind::Fifo);
+            if !pipe_like && !across {
                 continue;
             }
             let next = ids.len() as u32;
             let id = *ids.entry(gi).or_insert(next);
             if id == next {
-                let pipe = if f.kind == FdKind::Pipe {
+                let pipe = if pipe_like {
                     let ino = g.key.1;
                     if !pipes.iter().any(|p| p.ino == ino) {
                         pipes.push(read_pipe(g.pid, g.fd, ino)?);

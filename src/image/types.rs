@@ -267,6 +267,8 @@ pub enum FdKind {
     CharDevice,
     /// One end of a pipe; `path` reads `pipe:[INODE]`.
     Pipe,
+    /// A named pipe (FIFO), opened by its path.
+    Fifo,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

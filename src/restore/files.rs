@@ -28,6 +28,8 @@ pub struct Shared<'a> {
     recv_fd: i32,
     files: HashMap<u32, OwnedFd>,
     pipes: HashMap<u64, (OwnedFd, OwnedFd)>,
+    fifos: HashMap<(u64, bool), OwnedFd>,
+    fifo_holders: HashMap<u64, OwnedFd>,
 }
 
 impl<'a> Shared<'a> {
@@ -44,6 +46,8 @@ impl<'a> Shared<'a> {
             recv_fd,
             files: HashMap::new(),
             pipes: HashMap::new(),
+            fifos: HashMap::new(),
+            fifo_holders: HashMap::new(),
         })
     }
 
@@ -63,6 +67,9 @@ impl<'a> Shared<'a> {
                 problem: format!("fd {fd} refers to shared file {id}, which the inventory lacks"),
             })?;
         let local = match sf.pipe {
+            Some(ino) if sf.kind == FdKind::Fifo => {
+                self.fifo_end(b, ino, &sf.path, sf.flags)?.as_raw_fd()
+            }
             Some(ino) => self.pipe_end(b, ino, sf.flags)?.as_raw_fd(),
             None => self.file(b, id)?.as_raw_fd(),
         };
@@ -82,7 +89,7 @@ impl<'a> Shared<'a> {
             )?;
             b.close(got)?;
         }
-        if sf.kind == FdKind::Pipe {
+        if matches!(sf.kind, FdKind::Pipe | FdKind::Fifo) {
             let keep = (libc::O_NONBLOCK | libc::O_DIRECT) as u32;
             b.inj.call(
                 "fcntl(F_SETFL)",
@@ -160,6 +167,55 @@ impl<'a> Shared<'a> {
         } else {
             w
         })
+    }
+
+    /// A named pipe: cryopod holds it open read-write (which never blocks
+    /// and keeps its buffer alive), puts the saved bytes back, and opens
+    /// each end the holders need without blocking.
+    fn fifo_end(
+        &mut self,
+        b: &Builder,
+        ino: u64,
+        path: &std::path::Path,
+        flags: u32,
+    ) -> Result<&OwnedFd> {
+        let reader = flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32;
+        let key = (ino, reader);
+        if !self.fifos.contains_key(&key) {
+            let err = |what: &str, e: std::io::Error| Error::Restore {
+                pid: b.pid,
+                problem: format!("{what} FIFO {}: {e}", path.display()),
+            };
+            if !self.fifo_holders.contains_key(&ino) {
+                let state = self
+                    .inv
+                    .pipes
+                    .iter()
+                    .find(|p| p.ino == ino)
+                    .ok_or_else(|| Error::Restore {
+                        pid: b.pid,
+                        problem: format!("no saved state for FIFO {}", path.display()),
+                    })?;
+                let mut holder = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)
+                    .map_err(|e| err("opening", e))?;
+                holder
+                    .write_all(&state.data)
+                    .map_err(|e| err("refilling", e))?;
+                self.fifo_holders.insert(ino, OwnedFd::from(holder));
+            }
+            let end = OpenOptions::new()
+                .read(reader)
+                .write(!reader)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| err("opening an end of", e))?;
+            self.fifos.insert(key, OwnedFd::from(end));
+        }
+        Ok(&self.fifos[&key])
     }
 
     /// Injects `recvmsg` on the courier; returns the fd the task received.
