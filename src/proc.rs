@@ -289,12 +289,16 @@ pub fn files(pid: Pid) -> Result<FileState> {
         let unsupported = |what: String| Error::Unsupported { pid, what };
         let path = match &info.target {
             FDTarget::Path(path) => path.clone(),
-            FDTarget::Pipe(ino) => {
+            FDTarget::Pipe(ino) | FDTarget::Socket(ino) => {
                 let (pos, flags) = fdinfo(pid, fd)?;
+                let (kind, what) = match &info.target {
+                    FDTarget::Pipe(_) => (FdKind::Pipe, "pipe"),
+                    _ => (FdKind::Socket, "socket"),
+                };
                 fds.push(Fd {
                     fd,
-                    kind: FdKind::Pipe,
-                    path: PathBuf::from(format!("pipe:[{ino}]")),
+                    kind,
+                    path: PathBuf::from(format!("{what}:[{ino}]")),
                     flags,
                     pos,
                     dup_of: None,

@@ -708,3 +708,225 @@ pub fn send_fd(sock: &impl AsRawFd, fd: RawFd) -> io::Result<()> {
     // SAFETY: msg and everything it points to live across the call.
     check(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) } as libc::c_long).map(drop)
 }
+
+/// A copy of fd `fd` of process `pid` in cryopod (`pidfd_open` +
+/// `pidfd_getfd`): the same open file description.
+pub fn fd_of(pid: Pid, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes integers.
+    let pidfd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.0, 0) })? as RawFd;
+    // SAFETY: pidfd was just returned and is owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: pidfd_getfd takes integers.
+    let got =
+        check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })? as RawFd;
+    // SAFETY: got is a new fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(got) })
+}
+
+fn sockopt_int(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len are valid out pointers of the sizes given.
+    check(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    } as libc::c_long)?;
+    Ok(v)
+}
+
+/// `getsockopt(SO_DOMAIN)` and `getsockopt(SO_TYPE)`.
+pub fn socket_kind(fd: &impl AsRawFd) -> io::Result<(i32, i32)> {
+    Ok((
+        sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?,
+        sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?,
+    ))
+}
+
+/// Whether a unix socket is bound to a name (or abstract address): only
+/// unnamed sockets (from socketpair) are restored.
+pub fn unix_socket_named(fd: &impl AsRawFd) -> io::Result<bool> {
+    // SAFETY: sockaddr_un is plain data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: addr/len describe a writable sockaddr_un.
+    check(unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut addr as *mut libc::sockaddr_un).cast(),
+            &mut len,
+        )
+    } as libc::c_long)?;
+    Ok(len as usize > std::mem::size_of::<libc::sa_family_t>())
+}
+
+/// Everything queued for reading on a socket, message by message, without
+/// taking it: `SO_PEEK_OFF` walks the queue with `MSG_PEEK`, then is
+/// switched off again.
+pub fn peek_queue(fd: &impl AsRawFd) -> io::Result<Vec<Vec<u8>>> {
+    let set_peek_off = |v: libc::c_int| {
+        // SAFETY: v is a valid int option value.
+        check(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEEK_OFF,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        } as libc::c_long)
+    };
+    set_peek_off(0)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let result = loop {
+        // SAFETY: buf is writable for its length.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                break Ok(());
+            }
+            break Err(e);
+        }
+        if n == 0 {
+            break Ok(());
+        }
+        out.push(buf[..n as usize].to_vec());
+    };
+    set_peek_off(-1)?;
+    result.map(|()| out)
+}
+
+/// `socketpair(AF_UNIX, kind | SOCK_CLOEXEC)`.
+pub fn unix_pair(kind: i32) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut sv = [0i32; 2];
+    // SAFETY: sv has room for the two fds.
+    check(
+        unsafe { libc::socketpair(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) }
+            as libc::c_long,
+    )?;
+    // SAFETY: both fds were just made and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
+}
+
+/// `send(fd, data, MSG_DONTWAIT)`, all of it as one message.
+pub fn send_all(fd: &impl AsRawFd, data: &[u8]) -> io::Result<()> {
+    // SAFETY: data is readable for its length.
+    let n = check(unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT,
+        )
+    } as libc::c_long)?;
+    if n as usize != data.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short send"));
+    }
+    Ok(())
+}
+
+/// The peer inode of every unix socket on the machine, from sock_diag
+/// (`NETLINK_SOCK_DIAG`, `UNIX_DIAG_PEER`): socket inode -> peer inode.
+pub fn unix_peers() -> io::Result<std::collections::HashMap<u64, u64>> {
+    const NETLINK_SOCK_DIAG: i32 = 4;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const UDIAG_SHOW_PEER: u32 = 4;
+    const UNIX_DIAG_PEER: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const NLMSG_ERROR: u16 = 2;
+    // SAFETY: socket takes integers.
+    let fd = check(unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    } as libc::c_long)? as RawFd;
+    // SAFETY: fd was just made and is owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // nlmsghdr (16 bytes) + unix_diag_req (24 bytes)
+    let mut req = Vec::with_capacity(40);
+    req.extend_from_slice(&40u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    req.push(libc::AF_UNIX as u8);
+    req.push(0);
+    req.extend_from_slice(&0u16.to_ne_bytes());
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
+    req.extend_from_slice(&0u32.to_ne_bytes()); // ino
+    req.extend_from_slice(&UDIAG_SHOW_PEER.to_ne_bytes());
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    // SAFETY: req is readable for its length.
+    check(
+        unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } as libc::c_long,
+    )?;
+    let mut peers = std::collections::HashMap::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    loop {
+        // SAFETY: buf is writable for its length.
+        let n = check(
+            unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) }
+                as libc::c_long,
+        )? as usize;
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32_at(&buf, at) as usize;
+            let ty = u16_at(&buf, at + 4);
+            if len < 16 || at + len > n {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad sock_diag message",
+                ));
+            }
+            match ty {
+                NLMSG_DONE => return Ok(peers),
+                NLMSG_ERROR => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Other,
+                        "sock_diag refused the dump",
+                    ));
+                }
+                _ => {}
+            }
+            // unix_diag_msg: family, type, state, pad, ino (u32), cookie[2]
+            let msg = &buf[at + 16..at + len];
+            if msg.len() >= 16 {
+                let ino = u32_at(msg, 4) as u64;
+                let mut a = 16;
+                while a + 4 <= msg.len() {
+                    let alen = u16_at(msg, a) as usize;
+                    let aty = u16_at(msg, a + 2);
+                    if alen < 4 || a + alen > msg.len() {
+                        break;
+                    }
+                    if aty == UNIX_DIAG_PEER && alen >= 8 {
+                        peers.insert(ino, u32_at(msg, a + 4) as u64);
+                    }
+                    a += (alen + 3) & !3;
+                }
+            }
+            at += (len + 3) & !3;
+        }
+        if n == 0 {
+            return Ok(peers);
+        }
+    }
+}

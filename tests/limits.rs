@@ -1,6 +1,6 @@
 //! What the image leaves out and what cryopod refuses up front: pages a
 //! process never touched are not saved; a kind of fd it cannot restore
-//! (a socket) stops the dump with the process left running; a pid in use stops the
+//! (a TCP socket) stops the dump with the process left running; a pid in use stops the
 //! restore with nothing made.
 
 #[macro_use]
@@ -74,16 +74,15 @@ both_widths!(dump_refuses_a_socket_and_leaves_the_process_running, |w| {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: socketpair, dup2 and close_range are async-signal-safe; this
-    // runs in the forked child just before exec and leaves a socket on fd 5.
+    // SAFETY: socket, dup2 and close_range are async-signal-safe; this runs
+    // in the forked child just before exec and leaves a TCP socket on fd 5.
     unsafe {
         cmd.pre_exec(|| {
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            let mut p = [0i32; 2];
-            if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, p.as_mut_ptr()) == 0 {
-                libc::dup2(p[0], 5);
-                libc::close(p[0]);
-                libc::close(p[1]);
+            let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if s >= 0 {
+                libc::dup2(s, 5);
+                libc::close(s);
             }
             Ok(())
         });

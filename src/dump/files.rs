@@ -11,7 +11,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use tracing::debug;
 
 use crate::error::{Error, Result};
-use crate::image::{FdKind, FileState, PipeState, SharedFile};
+use crate::image::{FdKind, FileState, Message, PipeState, SharedFile, SocketState};
 use crate::sys::{self, Pid};
 
 /// One open file description and where it was first seen.
@@ -24,7 +24,7 @@ struct Group {
 
 /// Finds the descriptions shared between processes (and every pipe end),
 /// marks their fds, and returns the shared table and the pipes' contents.
-pub fn share(files: &mut [(Pid, FileState)]) -> Result<(Vec<SharedFile>, Vec<PipeState>)> {
+pub fn share(files: &mut [(Pid, FileState)]) -> Result<Shares> {
     let mut groups: Vec<Group> = Vec::new();
     let mut of_fd: HashMap<(Pid, i32), usize> = HashMap::new();
     for (pid, state) in files.iter() {
@@ -63,6 +63,21 @@ pub fn share(files: &mut [(Pid, FileState)]) -> Result<(Vec<SharedFile>, Vec<Pip
 
     let mut shared = Vec::new();
     let mut pipes: Vec<PipeState> = Vec::new();
+    let mut sockets: Vec<SocketState> = Vec::new();
+    let tree_sockets: Vec<u64> = files
+        .iter()
+        .flat_map(|(_, s)| s.fds.iter())
+        .filter(|f| f.kind == FdKind::Socket)
+        .map(|f| socket_ino(&f.path))
+        .collect();
+    let peers = if tree_sockets.is_empty() {
+        HashMap::new()
+    } else {
+        sys::unix_peers().map_err(|source| Error::Local {
+            call: "sock_diag (unix socket peers)",
+            source,
+        })?
+    };
     let mut ids: HashMap<usize, u32> = HashMap::new();
     for (pid, state) in files.iter_mut() {
         for f in state.fds.iter_mut() {
@@ -72,7 +87,7 @@ pub fn share(files: &mut [(Pid, FileState)]) -> Result<(Vec<SharedFile>, Vec<Pip
             let g = &groups[gi];
             let across = g.holders.iter().any(|h| h != &g.pid);
             let pipe_like = matches!(f.kind, FdKind::Pipe | FdKind::Fifo);
-            if !pipe_like && !across {
+            if !pipe_like && f.kind != FdKind::Socket && !across {
                 continue;
             }
             let next = ids.len() as u32;
@@ -87,6 +102,13 @@ pub fn share(files: &mut [(Pid, FileState)]) -> Result<(Vec<SharedFile>, Vec<Pip
                 } else {
                     None
                 };
+                let socket = if f.kind == FdKind::Socket {
+                    let ino = socket_ino(&f.path);
+                    sockets.push(read_socket(g.pid, g.fd, ino, &peers, &tree_sockets)?);
+                    Some(ino)
+                } else {
+                    None
+                };
                 shared.push(SharedFile {
                     id,
                     kind: f.kind,
@@ -94,6 +116,7 @@ pub fn share(files: &mut [(Pid, FileState)]) -> Result<(Vec<SharedFile>, Vec<Pip
                     flags: f.flags,
                     pos: f.pos,
                     pipe,
+                    socket,
                 });
             }
             f.shared = Some(id);
@@ -102,9 +125,73 @@ pub fn share(files: &mut [(Pid, FileState)]) -> Result<(Vec<SharedFile>, Vec<Pip
     debug!(
         shared = shared.len(),
         pipes = pipes.len(),
+        sockets = sockets.len(),
         "open files across the tree"
     );
-    Ok((shared, pipes))
+    Ok(Shares {
+        files: shared,
+        pipes,
+        sockets,
+    })
+}
+
+/// What `share` found.
+pub struct Shares {
+    pub files: Vec<SharedFile>,
+    pub pipes: Vec<PipeState>,
+    pub sockets: Vec<SocketState>,
+}
+
+fn socket_ino(path: &std::path::Path) -> u64 {
+    path.to_string_lossy()
+        .trim_start_matches("socket:[")
+        .trim_end_matches(']')
+        .parse()
+        .unwrap_or(0)
+}
+
+/// One end of a unix socket pair: its type, its peer (which must be in the
+/// tree, or closed) and what is queued for it, read without taking it.
+fn read_socket(
+    pid: Pid,
+    fd: i32,
+    ino: u64,
+    peers: &HashMap<u64, u64>,
+    tree: &[u64],
+) -> Result<SocketState> {
+    let unsupported = |what: String| Error::Unsupported { pid, what };
+    let sys_err = |call: &'static str| move |source| Error::Sys { call, pid, source };
+    let local = sys::fd_of(pid, fd).map_err(sys_err("pidfd_getfd"))?;
+    let (domain, kind) =
+        sys::socket_kind(&local).map_err(sys_err("getsockopt(SO_DOMAIN/SO_TYPE)"))?;
+    if domain != libc::AF_UNIX {
+        return Err(unsupported(format!(
+            "fd {fd}, a socket of address family {domain} (only unix socket pairs are)"
+        )));
+    }
+    if sys::unix_socket_named(&local).map_err(sys_err("getsockname"))? {
+        return Err(unsupported(format!(
+            "fd {fd}, a bound unix socket (only unnamed socket pairs are)"
+        )));
+    }
+    let peer = peers.get(&ino).copied().unwrap_or(0);
+    if peer != 0 && !tree.contains(&peer) {
+        return Err(unsupported(format!(
+            "fd {fd}, a unix socket whose peer socket:[{peer}] is outside the dumped tree"
+        )));
+    }
+    let queued = sys::peek_queue(&local)
+        .map_err(sys_err("recv(MSG_PEEK)"))?
+        .into_iter()
+        .map(Message)
+        .collect::<Vec<_>>();
+    debug!(%pid, fd, ino, peer, kind, messages = queued.len(), "socket saved");
+    Ok(SocketState {
+        ino,
+        peer,
+        kind,
+        queued,
+    })
 }
 
 /// Reads what is buffered in the pipe behind `/proc/PID/fd/FD` without

@@ -65,7 +65,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
     for p in &procs {
         all_files.push((p.pid, proc::files(p.pid)?));
     }
-    let (shared_files, pipes) = files::share(&mut all_files)?;
+    let shares = files::share(&mut all_files)?;
     let mut tasks = Vec::with_capacity(procs.len());
     let mut pages = 0;
     for (p, (_, files)) in procs.iter_mut().zip(all_files) {
@@ -79,8 +79,9 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
         root_pid: root,
         tasks,
         zombies,
-        files: shared_files,
-        pipes,
+        files: shares.files,
+        pipes: shares.pipes,
+        sockets: shares.sockets,
         dumped_at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -361,6 +361,7 @@ mod tests {
             zombies: Vec::new(),
             files: Vec::new(),
             pipes: Vec::new(),
+            sockets: Vec::new(),
             dumped_at: 1,
         }
     }

@@ -22,6 +22,7 @@ pub struct Inventory {
     /// Open files shared between processes, and pipe ends.
     pub files: Vec<SharedFile>,
     pub pipes: Vec<PipeState>,
+    pub sockets: Vec<SocketState>,
     /// Seconds since the epoch when the tree was frozen.
     pub dumped_at: u64,
 }
@@ -269,6 +270,8 @@ pub enum FdKind {
     Pipe,
     /// A named pipe (FIFO), opened by its path.
     Fifo,
+    /// One end of an unnamed unix socket pair; `path` reads `socket:[INODE]`.
+    Socket,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -298,7 +301,24 @@ pub struct SharedFile {
     pub pos: u64,
     /// For a pipe end: the pipe's inode, a key into `Inventory::pipes`.
     pub pipe: Option<u64>,
+    /// For a socket: its inode, a key into `Inventory::sockets`.
+    pub socket: Option<u64>,
 }
+
+/// One end of a unix socket pair and what was queued for it to read.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SocketState {
+    pub ino: u64,
+    /// The other end's inode; 0 when it was closed.
+    pub peer: u64,
+    /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
+    pub kind: i32,
+    /// Queued messages (for a stream, chunks of the byte stream).
+    pub queued: Vec<Message>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Message(#[serde(with = "hex_bytes")] pub Vec<u8>);
 
 /// A pipe and what was buffered in it.
 #[derive(Clone, Debug, Serialize, Deserialize)]

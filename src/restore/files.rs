@@ -30,6 +30,7 @@ pub struct Shared<'a> {
     pipes: HashMap<u64, (OwnedFd, OwnedFd)>,
     fifos: HashMap<(u64, bool), OwnedFd>,
     fifo_holders: HashMap<u64, OwnedFd>,
+    sockets: HashMap<u64, OwnedFd>,
 }
 
 impl<'a> Shared<'a> {
@@ -48,6 +49,7 @@ impl<'a> Shared<'a> {
             pipes: HashMap::new(),
             fifos: HashMap::new(),
             fifo_holders: HashMap::new(),
+            sockets: HashMap::new(),
         })
     }
 
@@ -66,12 +68,13 @@ impl<'a> Shared<'a> {
                 pid: b.pid,
                 problem: format!("fd {fd} refers to shared file {id}, which the inventory lacks"),
             })?;
-        let local = match sf.pipe {
-            Some(ino) if sf.kind == FdKind::Fifo => {
+        let local = match (sf.pipe, sf.socket) {
+            (_, Some(ino)) => self.socket_end(b, ino)?.as_raw_fd(),
+            (Some(ino), _) if sf.kind == FdKind::Fifo => {
                 self.fifo_end(b, ino, &sf.path, sf.flags)?.as_raw_fd()
             }
-            Some(ino) => self.pipe_end(b, ino, sf.flags)?.as_raw_fd(),
-            None => self.file(b, id)?.as_raw_fd(),
+            (Some(ino), _) => self.pipe_end(b, ino, sf.flags)?.as_raw_fd(),
+            (None, None) => self.file(b, id)?.as_raw_fd(),
         };
         sys::send_fd(&self.send, local).map_err(|source| Error::Local {
             call: "sendmsg(SCM_RIGHTS)",
@@ -89,7 +92,7 @@ impl<'a> Shared<'a> {
             )?;
             b.close(got)?;
         }
-        if matches!(sf.kind, FdKind::Pipe | FdKind::Fifo) {
+        if matches!(sf.kind, FdKind::Pipe | FdKind::Fifo | FdKind::Socket) {
             let keep = (libc::O_NONBLOCK | libc::O_DIRECT) as u32;
             b.inj.call(
                 "fcntl(F_SETFL)",
@@ -216,6 +219,32 @@ impl<'a> Shared<'a> {
             self.fifos.insert(key, OwnedFd::from(end));
         }
         Ok(&self.fifos[&key])
+    }
+
+    /// One end of a unix socket pair. The pair is made when either end is
+    /// first needed; what each end had queued is sent from the other, so it
+    /// waits in the right receive queue.
+    fn socket_end(&mut self, b: &Builder, ino: u64) -> Result<&OwnedFd> {
+        if !self.sockets.contains_key(&ino) {
+            let find = |ino: u64| self.inv.sockets.iter().find(|s| s.ino == ino);
+            let this = find(ino).ok_or_else(|| Error::Restore {
+                pid: b.pid,
+                problem: format!("no saved state for socket:[{ino}]"),
+            })?;
+            let io = |call| move |source| Error::Local { call, source };
+            let (a, peer_end) = sys::unix_pair(this.kind).map_err(io("socketpair(AF_UNIX)"))?;
+            for m in &this.queued {
+                sys::send_all(&peer_end, &m.0).map_err(io("send(queued data)"))?;
+            }
+            if let Some(peer) = find(this.peer).filter(|_| this.peer != 0) {
+                for m in &peer.queued {
+                    sys::send_all(&a, &m.0).map_err(io("send(queued data)"))?;
+                }
+                self.sockets.insert(peer.ino, peer_end);
+            }
+            self.sockets.insert(ino, a);
+        }
+        Ok(&self.sockets[&ino])
     }
 
     /// Injects `recvmsg` on the courier; returns the fd the task received.

@@ -36,7 +36,12 @@ pub fn check_files_exist(task: &TaskImage) -> Result<()> {
             missing(path, "mapped file")?;
         }
     }
-    for f in task.files.fds.iter().filter(|f| f.kind != FdKind::Pipe) {
+    for f in task
+        .files
+        .fds
+        .iter()
+        .filter(|f| !matches!(f.kind, FdKind::Pipe | FdKind::Socket))
+    {
         missing(&f.path, &format!("file of fd {}", f.fd))?;
     }
     missing(&task.files.cwd, "working directory")
