@@ -174,6 +174,8 @@ pub mod nr {
         pub const EXIT_GROUP: u64 = 231;
         pub const RECVMSG: u64 = 47;
         pub const FCNTL: u64 = 72;
+        pub const WAIT4: u64 = 61;
+        pub const RT_SIGTIMEDWAIT: u64 = 128;
         pub const LSEEK: u64 = 8;
         pub const CLOSE: u64 = 3;
         pub const DUP3: u64 = 292;

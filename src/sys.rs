@@ -899,10 +899,7 @@ pub fn unix_peers() -> io::Result<std::collections::HashMap<u64, u64>> {
             match ty {
                 NLMSG_DONE => return Ok(peers),
                 NLMSG_ERROR => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::Other,
-                        "sock_diag refused the dump",
-                    ));
+                    return Err(io::Error::other("sock_diag refused the dump"));
                 }
                 _ => {}
             }

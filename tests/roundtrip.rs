@@ -118,3 +118,27 @@ both_widths!(threads_state_detached, |w| {
     fx.go();
     fx.expect_pass();
 });
+
+// A process group whose leader is gone: B's sibling A founded it and was
+// reaped. B is reparented to init when the dump kills the root, so the
+// restore waits until init has reaped it too.
+both_widths!(orphan_group, |w| {
+    let mut fx = Fixture::start("orphan_group", w, &[]);
+    fx.dump(&[]);
+    let img = fx.img();
+    let show = common::cryopod(fx.log_dir(), &["show", img.to_str().unwrap()]);
+    show.assert_ok();
+    let json: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let tasks = json["inventory"]["tasks"].as_array().unwrap().clone();
+    assert_eq!(tasks.len(), 2, "the image holds the root and B");
+    for t in tasks {
+        let pid = t.as_u64().unwrap() as u32;
+        let free = common::wait_for(std::time::Duration::from_secs(15), || {
+            !common::pid_exists(pid)
+        });
+        assert!(free, "pid {pid} still in use");
+    }
+    fx.restore();
+    fx.go();
+    fx.expect_pass();
+});

@@ -194,7 +194,14 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     }
     check_tree(&inv, &tasks.iter().map(|(t, _)| t).collect::<Vec<_>>())
         .map_err(|problem| Error::image(&inv_path, problem))?;
-    for pid in inv.tasks.iter().chain(inv.zombies.iter().map(|z| &z.pid)) {
+    let orphan_groups = orphan_groups(&inv, &tasks.iter().map(|(t, _)| t).collect::<Vec<_>>())
+        .map_err(|problem| Error::image(&inv_path, problem))?;
+    for pid in inv
+        .tasks
+        .iter()
+        .chain(inv.zombies.iter().map(|z| &z.pid))
+        .chain(orphan_groups.iter())
+    {
         if sys::pid_exists(*pid) {
             return Err(Error::PidInUse(*pid));
         }
@@ -253,8 +260,49 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
         let inj = spawn::fork(&mut family, &parent.inj, parent.scratch(), z.pid)?;
         state::make_zombie(&inj, z)?;
     }
+    // A group whose leader is gone gets a stand-in with the leader's pid,
+    // forked from a member's parent (so it is in the members' session); it
+    // founds the group, the members join, and it exits and is reaped.
+    let mut standins = Vec::new();
+    for g in &orphan_groups {
+        let Some(parent) = tasks
+            .iter()
+            .find(|(t, _)| t.pgid == *g)
+            .and_then(|(m, _)| builders.iter().find(|p| p.pid == m.ppid))
+        else {
+            continue;
+        };
+        let inj = spawn::fork(&mut family, &parent.inj, parent.scratch(), *g)?;
+        inj.call("setpgid", nr::x86_64::SETPGID, [0, 0, 0, 0, 0, 0], || {
+            format!("stand-in leader of group {g}")
+        })?;
+        standins.push((inj, parent));
+    }
+    let groups: Vec<Pid> = inv
+        .tasks
+        .iter()
+        .copied()
+        .chain(inv.zombies.iter().map(|z| z.pid))
+        .chain(orphan_groups.iter().copied())
+        .collect();
     for b in &builders {
-        state::session(b, false, &inv.tasks)?;
+        state::session(b, false, &groups)?;
+    }
+    for (inj, parent) in standins {
+        let g = inj.pid();
+        inj.exit(0)?;
+        parent.inj.call(
+            "wait4",
+            nr::x86_64::WAIT4,
+            [g.0 as u64, 0, 0, 0, 0, 0],
+            || format!("stand-in group leader {g}"),
+        )?;
+    }
+    // Signals raised while the tree was made (SIGCHLD of zombies and
+    // stand-ins) are not the processes' own: drop them before the saved
+    // pending signals are queued again.
+    for b in &builders {
+        state::drain_signals(b)?;
     }
 
     let mut ready = Vec::with_capacity(builders.len());
@@ -289,6 +337,31 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     }))
 }
 
+/// Process groups of the tree whose leader is gone (neither a process nor
+/// a zombie of the image, nor the root's own group, which is led from
+/// outside the tree). A session whose leader is gone cannot be made again:
+/// that is refused.
+fn orphan_groups(
+    inv: &image::Inventory,
+    tasks: &[&TaskImage],
+) -> std::result::Result<Vec<Pid>, String> {
+    let root = tasks.first().ok_or("no tasks")?;
+    let known = |p: &Pid| inv.tasks.contains(p) || inv.zombies.iter().any(|z| z.pid == *p);
+    let mut out: Vec<Pid> = Vec::new();
+    for t in tasks.iter().skip(1) {
+        if t.sid != root.sid && !known(&t.sid) {
+            return Err(format!(
+                "process {} is in session {}, whose leader is gone; such sessions cannot be restored",
+                t.pid, t.sid
+            ));
+        }
+        if t.pgid != root.pgid && !known(&t.pgid) && !out.contains(&t.pgid) {
+            out.push(t.pgid);
+        }
+    }
+    Ok(out)
+}
+
 /// The tree in the inventory is whole: the first task is the root, and
 /// every other task and zombie comes after its parent.
 fn check_tree(inv: &image::Inventory, tasks: &[&TaskImage]) -> std::result::Result<(), String> {
@@ -311,8 +384,6 @@ fn check_tree(inv: &image::Inventory, tasks: &[&TaskImage]) -> std::result::Resu
     Ok(())
 }
 
-/// Builds one process up to, not including, its registers. Returns its
-/// other threads, created and stopped.
 /// Builds everything of one process but its memory (made already) and its
 /// registers. Returns its other threads, created and stopped.
 fn build<'a>(b: &'a Builder, shared: &mut files::Shared) -> Result<Vec<threads::Thread<'a>>> {

@@ -334,6 +334,24 @@ pub fn session(b: &Builder, first: bool, tree: &[Pid]) -> Result<()> {
     Ok(())
 }
 
+/// Takes every signal queued to the process while it was being made.
+pub fn drain_signals(b: &Builder) -> Result<()> {
+    let set = b.put(0, &u64::MAX.to_le_bytes())?;
+    let zero = b.put(64, &[0u8; 16])?;
+    for _ in 0..128 {
+        let ret = b.inj.raw(
+            Entry::Native,
+            nr::x86_64::RT_SIGTIMEDWAIT,
+            [set, 0, zero, 8, 0, 0],
+        )?;
+        if ret <= 0 {
+            return Ok(());
+        }
+        debug!(pid = %b.pid, signo = ret, "signal raised while restoring dropped");
+    }
+    Ok(())
+}
+
 /// Makes a freshly forked child exit with the zombie's status; its parent
 /// (still stopped) will find it unreaped, as it was.
 pub fn make_zombie(inj: &crate::inject::Injector, z: &crate::image::Zombie) -> Result<()> {
@@ -345,5 +363,11 @@ pub fn make_zombie(inj: &crate::inject::Injector, z: &crate::image::Zombie) -> R
         warn!(pid = %z.pid, status = z.status, "zombie killed by a signal is restored as exited");
         128 + libc::WTERMSIG(z.status)
     };
+    let none = String::new;
+    if z.sid == z.pid {
+        inj.call("setsid", nr::x86_64::SETSID, [0; 6], none)?;
+    } else if z.pgid == z.pid {
+        inj.call("setpgid", nr::x86_64::SETPGID, [0, 0, 0, 0, 0, 0], none)?;
+    }
     inj.exit(code as u64)
 }
