@@ -4,6 +4,7 @@
 //! no repeat, which needs every process back, the pipes between them and
 //! the data that was buffered in them.
 
+#[allow(unused_macros)]
 #[macro_use]
 mod common;
 

@@ -119,9 +119,9 @@ both_widths!(threads_state_detached, |w| {
     fx.expect_pass();
 });
 
-// A process group whose leader is gone: B's sibling A founded it and was
-// reaped. B is reparented to init when the dump kills the root, so the
-// restore waits until init has reaped it too.
+// A process group and a session whose leaders are gone (see the fixture).
+// B and M are reparented to init when the dump kills the root, so the
+// restore waits until init has reaped them too.
 both_widths!(orphan_group, |w| {
     let mut fx = Fixture::start("orphan_group", w, &[]);
     fx.dump(&[]);
@@ -130,7 +130,7 @@ both_widths!(orphan_group, |w| {
     show.assert_ok();
     let json: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
     let tasks = json["inventory"]["tasks"].as_array().unwrap().clone();
-    assert_eq!(tasks.len(), 2, "the image holds the root and B");
+    assert_eq!(tasks.len(), 3, "the image holds the root, B and M");
     for t in tasks {
         let pid = t.as_u64().unwrap() as u32;
         let free = common::wait_for(std::time::Duration::from_secs(15), || {

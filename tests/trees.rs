@@ -104,10 +104,10 @@ struct TreeGuard {
 impl TreeGuard {
     fn kill_all(&self) {
         for &pid in &self.pids {
-            if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
-                if self.exes.iter().any(|e| *e == exe) {
-                    kill(pid, libc::SIGKILL);
-                }
+            if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe"))
+                && self.exes.contains(&exe)
+            {
+                kill(pid, libc::SIGKILL);
             }
         }
     }

@@ -20,12 +20,14 @@ const LDT_BYTES: u64 = 8192 * 8;
 const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
 const SS_DISABLE: u32 = 2;
 const PR_GET_TID_ADDRESS: u64 = 40;
+const PR_GET_CHILD_SUBREAPER: u64 = 37;
 
 /// Process-wide state read from inside.
 pub struct Inside {
     pub actions: Vec<SigAction>,
     pub ldt: Vec<UserDesc>,
     pub brk: u64,
+    pub child_subreaper: bool,
 }
 
 /// Reads the process-wide state through the main thread and the per-thread
@@ -152,8 +154,24 @@ fn read_process(inj: &Injector, scratch: u64) -> Result<Inside> {
         Vec::new()
     };
     let brk = inj.call("brk", nr::x86_64::BRK, [0; 6], none)?;
+    inj.call(
+        "prctl(PR_GET_CHILD_SUBREAPER)",
+        nr::x86_64::PRCTL,
+        [PR_GET_CHILD_SUBREAPER, scratch, 0, 0, 0, 0],
+        none,
+    )?;
+    let child_subreaper = word(
+        &read_back(pid, scratch, 8, "process_vm_readv(subreaper)")?,
+        0,
+    ) as u32
+        != 0;
     debug!(%pid, actions = actions.len(), ldt = ldt.len(), brk = format!("{brk:#x}"), "process state read from inside");
-    Ok(Inside { actions, ldt, brk })
+    Ok(Inside {
+        actions,
+        ldt,
+        brk,
+        child_subreaper,
+    })
 }
 
 fn read_thread(inj: &Injector, abi: Abi, scratch: u64, t: &mut ThreadImage) -> Result<()> {

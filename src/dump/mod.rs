@@ -207,6 +207,7 @@ fn dump_process(
         files,
         rlimits: proc::rlimits(pid)?,
         personality: proc::personality(pid)?,
+        child_subreaper: inside.child_subreaper,
     };
     writer.write_task(&task)?;
     Ok(task)

@@ -50,6 +50,8 @@ pub struct TaskImage {
     pub files: FileState,
     pub rlimits: Vec<Rlimit>,
     pub personality: u32,
+    /// PR_SET_CHILD_SUBREAPER: orphaned descendants are reparented here.
+    pub child_subreaper: bool,
 }
 
 impl TaskImage {

@@ -194,13 +194,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     }
     check_tree(&inv, &tasks.iter().map(|(t, _)| t).collect::<Vec<_>>())
         .map_err(|problem| Error::image(&inv_path, problem))?;
-    let orphan_groups = orphan_groups(&inv, &tasks.iter().map(|(t, _)| t).collect::<Vec<_>>())
-        .map_err(|problem| Error::image(&inv_path, problem))?;
+    let (orphan_groups, orphan_sessions) =
+        orphans(&inv, &tasks.iter().map(|(t, _)| t).collect::<Vec<_>>())
+            .map_err(|problem| Error::image(&inv_path, problem))?;
     for pid in inv
         .tasks
         .iter()
         .chain(inv.zombies.iter().map(|z| &z.pid))
         .chain(orphan_groups.iter())
+        .chain(orphan_sessions.iter())
     {
         if sys::pid_exists(*pid) {
             return Err(Error::PidInUse(*pid));
@@ -216,6 +218,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     let mut shmem = memory::Shmem::new();
     let images: Vec<&TaskImage> = tasks.iter().map(|(t, _)| t).collect();
     let mut park = 0;
+    let mut session_standins: Vec<(Injector, usize)> = Vec::new();
     for (i, (task, pages)) in tasks.iter().enumerate() {
         let parent = builders.iter().position(|p| p.pid == task.ppid && i > 0);
         let b = match parent {
@@ -229,7 +232,45 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
             }
             Some(pi) => {
                 let parent = &builders[pi];
-                let mut inj = spawn::fork(&mut family, &parent.inj, parent.scratch(), task.pid)?;
+                let mut inj = if orphan_sessions.contains(&task.sid) {
+                    // A session whose leader is gone: a stand-in with the
+                    // leader's pid, forked from this parent, makes the
+                    // session and forks the member as the parent's child.
+                    if !session_standins
+                        .iter()
+                        .any(|(s, _): &(Injector, usize)| s.pid() == task.sid)
+                    {
+                        let s = spawn::fork(&mut family, &parent.inj, parent.scratch(), task.sid)?;
+                        s.call("setsid", nr::x86_64::SETSID, [0; 6], || {
+                            format!("stand-in leader of session {}", task.sid)
+                        })?;
+                        session_standins.push((s, pi));
+                    }
+                    let (s, spi) = session_standins
+                        .iter()
+                        .find(|(s, _)| s.pid() == task.sid)
+                        .ok_or_else(|| {
+                            Error::image(&inv_path, format!("no stand-in for session {}", task.sid))
+                        })?;
+                    if *spi != pi {
+                        return Err(Error::image(
+                            &inv_path,
+                            format!(
+                                "members of session {} (whose leader is gone) have different parents",
+                                task.sid
+                            ),
+                        ));
+                    }
+                    spawn::fork_with(
+                        &mut family,
+                        s,
+                        parent.scratch(),
+                        task.pid,
+                        libc::CLONE_PARENT as u64,
+                    )?
+                } else {
+                    spawn::fork(&mut family, &parent.inj, parent.scratch(), task.pid)?
+                };
                 if task.abi == parent.task.abi {
                     // Same width: keep what the parent's memory gives, so
                     // copy-on-write sharing survives.
@@ -263,7 +304,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     // A group whose leader is gone gets a stand-in with the leader's pid,
     // forked from a member's parent (so it is in the members' session); it
     // founds the group, the members join, and it exits and is reaped.
-    let mut standins = Vec::new();
+    let mut standins: Vec<(Injector, &Builder)> = session_standins
+        .into_iter()
+        .map(|(s, pi)| (s, &builders[pi]))
+        .collect();
     for g in &orphan_groups {
         let Some(parent) = tasks
             .iter()
@@ -284,6 +328,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
         .copied()
         .chain(inv.zombies.iter().map(|z| z.pid))
         .chain(orphan_groups.iter().copied())
+        .chain(orphan_sessions.iter().copied())
         .collect();
     for b in &builders {
         state::session(b, false, &groups)?;
@@ -337,29 +382,33 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     }))
 }
 
-/// Process groups of the tree whose leader is gone (neither a process nor
-/// a zombie of the image, nor the root's own group, which is led from
-/// outside the tree). A session whose leader is gone cannot be made again:
-/// that is refused.
-fn orphan_groups(
+/// Process groups and sessions of the tree whose leader is gone: neither a
+/// process nor a zombie of the image, nor the root's own group or session,
+/// which are led from outside the tree. A session's stand-in leads its
+/// group of the same id too, so such groups are not listed twice.
+fn orphans(
     inv: &image::Inventory,
     tasks: &[&TaskImage],
-) -> std::result::Result<Vec<Pid>, String> {
+) -> std::result::Result<(Vec<Pid>, Vec<Pid>), String> {
     let root = tasks.first().ok_or("no tasks")?;
     let known = |p: &Pid| inv.tasks.contains(p) || inv.zombies.iter().any(|z| z.pid == *p);
-    let mut out: Vec<Pid> = Vec::new();
+    let mut groups: Vec<Pid> = Vec::new();
+    let mut sessions: Vec<Pid> = Vec::new();
     for t in tasks.iter().skip(1) {
-        if t.sid != root.sid && !known(&t.sid) {
-            return Err(format!(
-                "process {} is in session {}, whose leader is gone; such sessions cannot be restored",
-                t.pid, t.sid
-            ));
-        }
-        if t.pgid != root.pgid && !known(&t.pgid) && !out.contains(&t.pgid) {
-            out.push(t.pgid);
+        if t.sid != root.sid && !known(&t.sid) && !sessions.contains(&t.sid) {
+            sessions.push(t.sid);
         }
     }
-    Ok(out)
+    for t in tasks.iter().skip(1) {
+        if t.pgid != root.pgid
+            && !known(&t.pgid)
+            && !groups.contains(&t.pgid)
+            && !sessions.contains(&t.pgid)
+        {
+            groups.push(t.pgid);
+        }
+    }
+    Ok((groups, sessions))
 }
 
 /// The tree in the inventory is whole: the first task is the root, and

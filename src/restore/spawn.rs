@@ -152,6 +152,18 @@ pub fn spawn(
 /// the dumped tree), with `scratch` a writable address in the parent.
 /// Returns the child stopped right after its fork, before it runs anything.
 pub fn fork(family: &mut Family, parent: &Injector, scratch: u64, child: Pid) -> Result<Injector> {
+    fork_with(family, parent, scratch, child, 0)
+}
+
+/// `fork` with extra clone flags (CLONE_PARENT: the child becomes a sibling
+/// of the process that forks it).
+pub fn fork_with(
+    family: &mut Family,
+    parent: &Injector,
+    scratch: u64,
+    child: Pid,
+    flags: u64,
+) -> Result<Injector> {
     let ppid = parent.pid();
     let write = |pid: Pid, addr: u64, bytes: &[u8]| {
         sys::write_remote(pid, addr, bytes).map_err(|source| Error::Sys {
@@ -162,21 +174,15 @@ pub fn fork(family: &mut Family, parent: &Injector, scratch: u64, child: Pid) ->
     };
     write(ppid, scratch + 128, &child.0.to_le_bytes())?;
     let mut args = Vec::with_capacity(CLONE_ARGS_LEN as usize);
+    // With CLONE_PARENT the exit signal is the forker's own and must be 0.
+    let exit_signal = if flags & libc::CLONE_PARENT as u64 != 0 {
+        0
+    } else {
+        libc::SIGCHLD as u64
+    };
     // flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
     // tls, set_tid, set_tid_size, cgroup
-    for w in [
-        0,
-        0,
-        0,
-        0,
-        libc::SIGCHLD as u64,
-        0,
-        0,
-        0,
-        scratch + 128,
-        1,
-        0,
-    ] {
+    for w in [flags, 0, 0, 0, exit_signal, 0, 0, 0, scratch + 128, 1, 0] {
         args.extend_from_slice(&w.to_le_bytes());
     }
     write(ppid, scratch, &args)?;

@@ -14,6 +14,7 @@ use crate::sys::Pid;
 use super::Builder;
 
 const PR_SET_NAME: u64 = 15;
+const PR_SET_CHILD_SUBREAPER: u64 = 36;
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
 const PRCTL_MM_MAP_LEN: u64 = 104;
@@ -198,6 +199,14 @@ pub fn limits_and_personality(b: &Builder) -> Result<()> {
                 "rlimit not restored (raising a hard limit needs CAP_SYS_RESOURCE)"
             );
         }
+    }
+    if b.task.child_subreaper {
+        b.inj.call(
+            "prctl(PR_SET_CHILD_SUBREAPER)",
+            nr::x86_64::PRCTL,
+            [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0],
+            String::new,
+        )?;
     }
     b.inj.call(
         "personality",
