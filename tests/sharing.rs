@@ -1,6 +1,8 @@
-//! Memory that a parent and its forked workers share copy-on-write stays
-//! shared after restore: the tree's proportional set size (Pss, which
-//! splits shared pages between their sharers) must not grow.
+//! What processes share: memory that a parent and its forked workers share
+//! copy-on-write stays shared after restore (the tree's proportional set
+//! size, Pss, which splits shared pages between their sharers, must not
+//! grow); and sockets, pipes and an open file shared by a parent and its
+//! child, of the same or the other width, come back with their data.
 
 #[macro_use]
 mod common;
@@ -62,3 +64,28 @@ both_widths!(cow_sharing_survives, |w| {
     fx.go();
     fx.expect_pass();
 });
+
+/// Dumps the ipc fixture (parent and child, the child of the same or the
+/// other width), waits until both pids are free, restores and lets it check
+/// what was in flight.
+fn ipc(w: common::Width, child: &str) {
+    // The child may exec the other width's build: have both.
+    common::fixture("ipc", common::Width::W64);
+    common::fixture("ipc", common::Width::W32);
+    let mut fx = Fixture::start("ipc", w, &[child]);
+    let pids = tree(fx.pid);
+    assert_eq!(pids.len(), 2, "the parent and its child");
+    fx.dump(&[]);
+    for p in &pids {
+        assert!(
+            wait_for(Duration::from_secs(15), || !pid_exists(*p)),
+            "pid {p} still in use"
+        );
+    }
+    fx.restore();
+    fx.go();
+    fx.expect_pass();
+}
+
+both_widths!(ipc_same_width, |w| ipc(w, "same"));
+both_widths!(ipc_other_width, |w| ipc(w, "other"));
