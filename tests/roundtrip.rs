@@ -24,7 +24,11 @@ both_widths!(threads_detached, |w| {
     round_trip_detached("threads", w, &[])
 });
 both_widths!(modeswitch, |w| round_trip("modeswitch", w, &[]));
-both_widths!(modeswitch_threads, |w| round_trip("modeswitch_threads", w, &[]));
+both_widths!(modeswitch_threads, |w| round_trip(
+    "modeswitch_threads",
+    w,
+    &[]
+));
 both_widths!(modeswitch_detached, |w| {
     round_trip_detached("modeswitch", w, &[])
 });

@@ -14,13 +14,21 @@ use tracing::debug;
 
 use crate::arch::nr;
 use crate::error::{Error, Result};
-use crate::image::{FdKind, Inventory};
+use crate::image::{FdKind, Inventory, PipeState};
 use crate::sys;
 
 use super::Builder;
 
 const MSGHDR_LEN: usize = 56;
 const F_SETFL: u64 = 4;
+
+/// An image that refers to state it does not hold.
+fn missing(b: &Builder, what: String) -> Error {
+    Error::Restore {
+        pid: b.pid,
+        problem: format!("no saved state for {what} in the inventory"),
+    }
+}
 
 pub struct Shared<'a> {
     inv: &'a Inventory,
@@ -64,10 +72,7 @@ impl<'a> Shared<'a> {
             .files
             .iter()
             .find(|f| f.id == id)
-            .ok_or_else(|| Error::Restore {
-                pid: b.pid,
-                problem: format!("fd {fd} refers to shared file {id}, which the inventory lacks"),
-            })?;
+            .ok_or_else(|| missing(b, format!("shared file {id} (fd {fd})")))?;
         let local = match (sf.pipe, sf.socket) {
             (_, Some(ino)) => self.socket_end(b, ino)?.as_raw_fd(),
             (Some(ino), _) if sf.kind == FdKind::Fifo => {
@@ -112,10 +117,7 @@ impl<'a> Shared<'a> {
                 .files
                 .iter()
                 .find(|f| f.id == id)
-                .ok_or_else(|| Error::Restore {
-                    pid: b.pid,
-                    problem: format!("no shared file {id}"),
-                })?;
+                .ok_or_else(|| missing(b, format!("shared file {id}")))?;
             let strip =
                 (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_ACCMODE)
                     as u32;
@@ -143,15 +145,7 @@ impl<'a> Shared<'a> {
 
     fn pipe_end(&mut self, b: &Builder, ino: u64, flags: u32) -> Result<&OwnedFd> {
         if !self.pipes.contains_key(&ino) {
-            let state = self
-                .inv
-                .pipes
-                .iter()
-                .find(|p| p.ino == ino)
-                .ok_or_else(|| Error::Restore {
-                    pid: b.pid,
-                    problem: format!("no saved state for pipe:[{ino}]"),
-                })?;
+            let state = self.saved_pipe(b, ino, || format!("pipe:[{ino}]"))?;
             let io = |call| move |source| Error::Local { call, source };
             let (r, w) = sys::pipe().map_err(io("pipe2"))?;
             sys::set_pipe_capacity(&w, state.capacity.max(state.data.len() as u32))
@@ -190,15 +184,7 @@ impl<'a> Shared<'a> {
                 problem: format!("{what} FIFO {}: {e}", path.display()),
             };
             if !self.fifo_holders.contains_key(&ino) {
-                let state = self
-                    .inv
-                    .pipes
-                    .iter()
-                    .find(|p| p.ino == ino)
-                    .ok_or_else(|| Error::Restore {
-                        pid: b.pid,
-                        problem: format!("no saved state for FIFO {}", path.display()),
-                    })?;
+                let state = self.saved_pipe(b, ino, || format!("FIFO {}", path.display()))?;
                 let mut holder = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -227,10 +213,7 @@ impl<'a> Shared<'a> {
     fn socket_end(&mut self, b: &Builder, ino: u64) -> Result<&OwnedFd> {
         if !self.sockets.contains_key(&ino) {
             let find = |ino: u64| self.inv.sockets.iter().find(|s| s.ino == ino);
-            let this = find(ino).ok_or_else(|| Error::Restore {
-                pid: b.pid,
-                problem: format!("no saved state for socket:[{ino}]"),
-            })?;
+            let this = find(ino).ok_or_else(|| missing(b, format!("socket:[{ino}]")))?;
             let io = |call| move |source| Error::Local { call, source };
             let (a, peer_end) = sys::unix_pair(this.kind).map_err(io("socketpair(AF_UNIX)"))?;
             for m in &this.queued {
@@ -245,6 +228,20 @@ impl<'a> Shared<'a> {
             self.sockets.insert(ino, a);
         }
         Ok(&self.sockets[&ino])
+    }
+
+    /// The saved state of pipe or FIFO `ino`.
+    fn saved_pipe(
+        &self,
+        b: &Builder,
+        ino: u64,
+        what: impl FnOnce() -> String,
+    ) -> Result<&'a PipeState> {
+        let inv: &'a Inventory = self.inv;
+        inv.pipes
+            .iter()
+            .find(|p| p.ino == ino)
+            .ok_or_else(|| missing(b, what()))
     }
 
     /// Injects `recvmsg` on the courier; returns the fd the task received.
