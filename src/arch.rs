@@ -112,6 +112,20 @@ impl Regs {
         }
     }
 
+    /// True when the task sits in a syscall that swaps in a temporary signal
+    /// mask while it waits (sigsuspend, ppoll, pselect6, epoll_pwait): its
+    /// current mask is that temporary one, and the kernel puts the real one
+    /// back only on its way out to user mode.
+    pub fn in_temporary_mask_syscall(&self) -> bool {
+        const NATIVE: [u64; 6] = [130, 271, 270, 281, 441, 333];
+        const COMPAT: [u64; 8] = [72, 179, 309, 414, 308, 413, 319, 441];
+        if self.in_compat_mode() {
+            COMPAT.contains(&(self.orig_rax & 0xffff_ffff))
+        } else {
+            NATIVE.contains(&self.orig_rax)
+        }
+    }
+
     /// Applies the kernel's syscall restart rules to registers read from a
     /// task stopped inside a syscall, so that writing them back and letting
     /// the task go makes it redo (or fail) the syscall as the kernel would
@@ -161,6 +175,7 @@ pub mod nr {
         pub const MUNMAP: u64 = 11;
         pub const BRK: u64 = 12;
         pub const RT_SIGACTION: u64 = 13;
+        pub const GETPID: u64 = 39;
         pub const SIGALTSTACK: u64 = 131;
         pub const MADVISE: u64 = 28;
         pub const SET_TID_ADDRESS: u64 = 218;

@@ -115,6 +115,13 @@ impl Frozen {
         self.pid
     }
 
+    /// Replaces the mask to put back (once the real one is known).
+    pub fn set_resume_mask(&mut self, mask: u64) {
+        if let Some((_, m)) = &mut self.resume {
+            *m = mask;
+        }
+    }
+
     pub fn since(&self) -> Instant {
         self.since
     }

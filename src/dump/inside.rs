@@ -43,6 +43,25 @@ pub fn read(pid: Pid, abi: Abi, threads: &mut [ThreadImage], vmas: &[Vma]) -> Re
         Abi::Ia32 => find_code(pid, vmas, [0xcd, 0x80]),
         Abi::X86_64 => None,
     };
+    // A thread waiting with a temporary mask gets its real mask back from
+    // the kernel on the way out of the syscall: one harmless syscall later
+    // the mask that is read is the one the thread lives with.
+    for t in threads
+        .iter_mut()
+        .filter(|t| t.regs.in_temporary_mask_syscall())
+    {
+        Injector::new(t.tid, t.regs, syscall_at, int80_at).raw(
+            Entry::Native,
+            nr::x86_64::GETPID,
+            [0; 6],
+        )?;
+        t.blocked = sys::ptrace_get_sigmask(t.tid).map_err(|source| Error::Ptrace {
+            request: "PTRACE_GETSIGMASK",
+            pid: t.tid,
+            source,
+        })?;
+        debug!(tid = %t.tid, mask = format!("{:#x}", t.blocked), "real signal mask read after a temporary-mask syscall");
+    }
     for t in threads.iter() {
         sys::ptrace_set_sigmask(t.tid, !0).map_err(|source| Error::Ptrace {
             request: "PTRACE_SETSIGMASK",

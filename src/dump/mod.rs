@@ -181,6 +181,9 @@ fn dump_process(
     // with nor splits any of these.
     let vmas = proc::vmas(pid)?;
     let inside = inside::read(pid, abi, &mut threads, &vmas)?;
+    for (f, t) in p.threads.iter_mut().zip(&threads) {
+        f.set_resume_mask(t.blocked);
+    }
 
     let mut mm = proc::mm_state(pid)?;
     mm.brk = inside.brk;
