@@ -265,6 +265,15 @@ mod tests {
     }
 
     #[test]
+    fn temporary_mask_syscalls_are_told_by_mode() {
+        assert!(in_syscall(USER64_CS, 130, -514).in_temporary_mask_syscall());
+        assert!(in_syscall(USER32_CS, 179, -514).in_temporary_mask_syscall());
+        // 179 is not rt_sigsuspend in the 64-bit table (it is quotactl).
+        assert!(!in_syscall(USER64_CS, 179, -514).in_temporary_mask_syscall());
+        assert!(!in_syscall(USER64_CS, 35, -516).in_temporary_mask_syscall());
+    }
+
+    #[test]
     fn elf_class_decides_the_abi() {
         assert_eq!(Abi::from_elf_ident(b"\x7fELF\x01"), Some(Abi::Ia32));
         assert_eq!(Abi::from_elf_ident(b"\x7fELF\x02"), Some(Abi::X86_64));
