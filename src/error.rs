@@ -74,6 +74,16 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[error("writing pid file {path}")]
+    PidFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("interrupted; the tree was let go as it was and no image was written")]
+    Interrupted,
+
     #[error("pid {0} is in use; restore needs the dumped pid free")]
     PidInUse(Pid),
 

@@ -138,9 +138,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let to_file = cli.log_file.is_some();
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
+            if to_file {
+                // The log file tells the whole story; stderr gets the line too.
+                tracing::error!("{e:#}");
+            }
             eprintln!("cryopod: error: {e:#}");
             ExitCode::FAILURE
         }

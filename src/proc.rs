@@ -171,6 +171,13 @@ pub fn vmas(pid: Pid) -> Result<Vec<Vma>> {
                     offset: m.offset,
                     dev: m.dev,
                     inode: m.inode,
+                    size: fs::metadata(proc_path(
+                        pid,
+                        &format!("map_files/{:x}-{:x}", m.address.0, m.address.1),
+                    ))
+                    .or_else(|_| fs::metadata(p))
+                    .map(|md| md.len())
+                    .unwrap_or(0),
                 }
             }
             other => {
@@ -191,6 +198,10 @@ pub fn vmas(pid: Pid) -> Result<Vec<Vma>> {
             shared,
             growsdown: m.extension.vm_flags.contains(procfs::process::VmFlags::GD),
             flags: vm_flags(m.extension.vm_flags),
+            resident: ["Rss", "Swap"]
+                .iter()
+                .filter_map(|k| m.extension.map.get(*k))
+                .sum(),
             kind,
         });
     }

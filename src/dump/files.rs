@@ -61,6 +61,7 @@ pub fn share(files: &mut [(Pid, FileState)]) -> Result<Shares> {
         }
     }
 
+    refuse_outside_pipes(files)?;
     let mut shared = Vec::new();
     let mut pipes: Vec<PipeState> = Vec::new();
     let mut sockets: Vec<SocketState> = Vec::new();
@@ -133,6 +134,52 @@ pub fn share(files: &mut [(Pid, FileState)]) -> Result<Shares> {
         pipes,
         sockets,
     })
+}
+
+/// A pipe that a process outside the tree also holds cannot be restored
+/// (its other side would be lost): refuse it, naming the outside holder.
+fn refuse_outside_pipes(files: &[(Pid, FileState)]) -> Result<()> {
+    let mut pipes: HashMap<String, (Pid, i32)> = HashMap::new();
+    for (pid, state) in files {
+        for f in state.fds.iter().filter(|f| f.kind == FdKind::Pipe) {
+            pipes
+                .entry(f.path.to_string_lossy().into_owned())
+                .or_insert((*pid, f.fd));
+        }
+    }
+    if pipes.is_empty() {
+        return Ok(());
+    }
+    let me = std::process::id() as i32;
+    let Ok(all) = fs::read_dir("/proc") else {
+        return Ok(());
+    };
+    for e in all.flatten() {
+        let Some(other) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if other == me || files.iter().any(|(p, _)| p.0 == other) {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(format!("/proc/{other}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            if let Some((pid, n)) = pipes.get(target.to_string_lossy().as_ref()) {
+                return Err(Error::Unsupported {
+                    pid: *pid,
+                    what: format!(
+                        "fd {n}, {}, which pid {other} outside the dumped tree also holds",
+                        target.display()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What `share` found.

@@ -1,8 +1,7 @@
 //! Saving a frozen task's memory: which pages to keep (from pagemap), and
-//! copying them into the pages file with one copy each. The pages file is
-//! mapped shared and `process_vm_readv` reads the task's pages straight into
-//! its page cache; areas the task may not read (PROT_NONE) go through
-//! /proc/PID/mem, which may.
+//! copying them into the pages file through a small staging buffer
+//! (`process_vm_readv` then `pwrite`); areas the task may not read
+//! (PROT_NONE) go through /proc/PID/mem, which may.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -44,7 +43,7 @@ pub fn plan(pid: Pid, vmas: &[Vma]) -> Result<(Vec<PageRun>, u64)> {
     let mut runs: Vec<PageRun> = Vec::new();
     let mut total = 0u64;
     for vma in vmas.iter().filter(|v| v.is_restored()) {
-        if matches!(vma.kind, VmaKind::File { .. }) && vma.shared {
+        if matches!(vma.kind, VmaKind::File { .. }) && vma.shared || vma.resident == 0 {
             continue;
         }
         let mut at = vma.start;
@@ -182,6 +181,7 @@ impl Stage<'_> {
 
     /// Reads the pending pieces into the buffer and writes it out.
     fn flush(&mut self) -> Result<usize> {
+        super::check_interrupt()?;
         if self.filled == 0 {
             return Ok(0);
         }

@@ -36,6 +36,8 @@ pub struct DumpReport {
 struct FrozenProc {
     pid: Pid,
     threads: Vec<Frozen>,
+    /// Stopped by a signal (SIGSTOP) when frozen.
+    stopped: bool,
 }
 
 /// Dumps the process tree rooted at `opts.pid`.
@@ -58,6 +60,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
     }
     proc::process(root)?;
     info!(pid = %root, dir = %opts.dir.display(), "dumping");
+    sys::catch_interrupts();
     let mut writer = ImageWriter::new(&opts.dir)?;
 
     let (mut procs, zombies) = freeze_tree(root)?;
@@ -69,6 +72,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
     let mut tasks = Vec::with_capacity(procs.len());
     let mut pages = 0;
     for (p, (_, files)) in procs.iter_mut().zip(all_files) {
+        check_interrupt()?;
         let task = dump_process(p, files, &mut writer)?;
         pages += task.page_count;
         tasks.push(task.pid);
@@ -87,6 +91,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
+    check_interrupt()?;
     writer.commit(&inventory)?;
 
     let since = procs
@@ -126,6 +131,15 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport> {
     })
 }
 
+/// Stops the dump (guards let the tree go, `.part` files are removed) if
+/// the user asked to.
+pub(crate) fn check_interrupt() -> Result<()> {
+    if sys::interrupted() {
+        return Err(Error::Interrupted);
+    }
+    Ok(())
+}
+
 /// Freezes `root` and every descendant, parents before children; zombies
 /// (exited, not reaped) are recorded, not frozen.
 fn freeze_tree(root: Pid) -> Result<(Vec<FrozenProc>, Vec<Zombie>)> {
@@ -133,6 +147,12 @@ fn freeze_tree(root: Pid) -> Result<(Vec<FrozenProc>, Vec<Zombie>)> {
     let mut zombies = Vec::new();
     let mut queue = std::collections::VecDeque::from([root]);
     while let Some(pid) = queue.pop_front() {
+        if pid.0 == std::process::id() as i32 {
+            return Err(Error::Dump {
+                pid: root,
+                problem: format!("pid {pid} in its tree is cryopod itself"),
+            });
+        }
         let ids = proc::ids(pid)?;
         if ids.state == 'Z' {
             if pid == root {
@@ -152,7 +172,11 @@ fn freeze_tree(root: Pid) -> Result<(Vec<FrozenProc>, Vec<Zombie>)> {
         }
         let threads = freeze::freeze_process(pid)?;
         queue.extend(proc::children(pid)?);
-        procs.push(FrozenProc { pid, threads });
+        procs.push(FrozenProc {
+            pid,
+            threads,
+            stopped: ids.state == 'T',
+        });
     }
     debug!(
         processes = procs.len(),
@@ -211,6 +235,7 @@ fn dump_process(
         rlimits: proc::rlimits(pid)?,
         personality: proc::personality(pid)?,
         child_subreaper: inside.child_subreaper,
+        stopped: p.stopped,
     };
     writer.write_task(&task)?;
     Ok(task)

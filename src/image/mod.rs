@@ -247,15 +247,19 @@ pub struct ImageWriter {
     dir: PathBuf,
     parts: Vec<PathBuf>,
     committed: bool,
+    /// The directory did not exist before: a failed dump removes it again.
+    created: bool,
 }
 
 impl ImageWriter {
     pub fn new(dir: &Path) -> Result<ImageWriter> {
+        let created = !dir.exists();
         fs::create_dir_all(dir).map_err(|e| Error::image_io(dir, e))?;
         Ok(ImageWriter {
             dir: dir.to_path_buf(),
             parts: Vec::new(),
             committed: false,
+            created,
         })
     }
 
@@ -295,7 +299,10 @@ impl ImageWriter {
             for e in entries.flatten() {
                 let name = e.file_name();
                 let name = name.to_string_lossy();
-                if name.ends_with(".img")
+                let ours = name == "inventory.img"
+                    || ((name.starts_with("task-") || name.starts_with("pages-"))
+                        && name.ends_with(".img"));
+                if ours
                     && !self
                         .parts
                         .iter()
@@ -323,6 +330,9 @@ impl Drop for ImageWriter {
         if !self.committed {
             for p in &self.parts {
                 let _ = fs::remove_file(part_path(p));
+            }
+            if self.created {
+                let _ = fs::remove_dir(&self.dir);
             }
         }
     }

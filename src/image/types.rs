@@ -52,6 +52,8 @@ pub struct TaskImage {
     pub personality: u32,
     /// PR_SET_CHILD_SUBREAPER: orphaned descendants are reparented here.
     pub child_subreaper: bool,
+    /// Stopped by a signal (SIGSTOP, SIGTSTP...) when dumped.
+    pub stopped: bool,
 }
 
 impl TaskImage {
@@ -191,6 +193,8 @@ pub enum VmaKind {
         offset: u64,
         dev: (i32, i32),
         inode: u64,
+        /// The file's size when dumped, to notice a file that changed.
+        size: u64,
     },
     /// `[vvar]`, `[vvar_vclock]` and `[vdso]`: recreated by the kernel.
     Vdso { name: String },
@@ -207,6 +211,9 @@ pub struct Vma {
     pub growsdown: bool,
     pub flags: VmFlags,
     pub kind: VmaKind,
+    /// Bytes resident or swapped when dumped (smaps Rss + Swap): a mapping
+    /// with none has no page to look for.
+    pub resident: u64,
 }
 
 /// Kernel VMA flags (from smaps `VmFlags`) that restore reproduces.

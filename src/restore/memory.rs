@@ -320,18 +320,25 @@ pub fn fill_pages(b: &Builder, pages: &File, made: &[Made], runs: &[PageRun]) ->
             forced.push((run, offset, n));
             continue;
         }
-        // read_task checked that every run lies inside the pages file.
-        batch.push(Transfer {
-            remote: run.addr,
-            local: map.ptr().wrapping_add(offset),
-            len: n,
-        });
-        bytes += n;
-        if bytes >= CHUNK {
-            write_batch(b.pid, &batch, bytes)?;
-            bar.inc(bytes as u64);
-            batch.clear();
-            bytes = 0;
+        // read_task checked that every run lies inside the pages file. A
+        // run is cut into CHUNK-sized pieces: one process_vm_writev moves
+        // at most 2 GiB, and progress moves on.
+        let mut done = 0;
+        while done < n {
+            let len = (n - done).min(CHUNK);
+            batch.push(Transfer {
+                remote: run.addr + done as u64,
+                local: map.ptr().wrapping_add(offset + done),
+                len,
+            });
+            bytes += len;
+            done += len;
+            if bytes >= CHUNK {
+                write_batch(b.pid, &batch, bytes)?;
+                bar.inc(bytes as u64);
+                batch.clear();
+                bytes = 0;
+            }
         }
     }
     write_batch(b.pid, &batch, bytes)?;

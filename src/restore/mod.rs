@@ -211,6 +211,19 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     let root = &tasks[0].0;
     info!(pid = %root.pid, processes = tasks.len(), abi = root.abi.name(), comm = %root.comm, "restoring");
 
+    // The pid file must be writable before any process exists: failing to
+    // write it afterwards would leave a restored process nobody knows of.
+    if let Some(path) = &opts.pidfile {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|source| Error::PidFile {
+                path: path.clone(),
+                source,
+            })?;
+    }
     let mut shared = files::Shared::new(&inv)?;
     let mut family = spawn::Family::new();
     let stubs = spawn::Stubs::new()?;
@@ -365,7 +378,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     info!(%pid, ms = started.elapsed().as_secs_f64() * 1e3, "restored");
 
     if let Some(path) = &opts.pidfile {
-        std::fs::write(path, format!("{pid}\n")).map_err(|e| Error::proc(path, e))?;
+        std::fs::write(path, format!("{pid}\n")).map_err(|source| Error::PidFile {
+            path: path.clone(),
+            source,
+        })?;
     }
     if opts.detached {
         return Ok(Outcome::Detached(pid));
@@ -460,5 +476,7 @@ fn finish(b: &Builder) -> Result<()> {
         [b.park, PARK_LEN, 0, 0, 0, 0],
         || format!("parking area at {:#x}", b.park),
     )?;
-    threads::release(b.pid, b.main())
+    // A process that was stopped goes back to being stopped.
+    let sig = if b.task.stopped { libc::SIGSTOP } else { 0 };
+    threads::release_with(b.pid, b.main(), sig)
 }

@@ -33,8 +33,20 @@ pub fn check_files_exist(task: &TaskImage) -> Result<()> {
     };
     missing(&task.mm.exe, "executable")?;
     for v in &task.vmas {
-        if let VmaKind::File { path, .. } = &v.kind {
+        if let VmaKind::File { path, size, .. } = &v.kind {
             missing(path, "mapped file")?;
+            // A private mapping's clean pages come from the file: if it
+            // changed size, they are not what the process had.
+            let now = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            if !v.shared && now != *size {
+                return Err(Error::Restore {
+                    pid: task.pid,
+                    problem: format!(
+                        "mapped file {} changed since the dump ({size} bytes then, {now} now)",
+                        path.display()
+                    ),
+                });
+            }
         }
     }
     for f in task

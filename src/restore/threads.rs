@@ -161,6 +161,11 @@ pub fn restore_state(b: &Builder, inj: &Injector, t: &ThreadImage) -> Result<()>
 /// lets it go. The thread must be at a syscall-exit stop (or its first
 /// stop), so the registers written are the ones it returns to.
 pub fn release(tid: Pid, t: &ThreadImage) -> Result<()> {
+    release_with(tid, t, 0)
+}
+
+/// `release`, detaching with signal `sig` (SIGSTOP leaves it stopped).
+pub fn release_with(tid: Pid, t: &ThreadImage, sig: i32) -> Result<()> {
     let ptrace_err = |request| {
         move |source| Error::Ptrace {
             request,
@@ -173,7 +178,7 @@ pub fn release(tid: Pid, t: &ThreadImage) -> Result<()> {
     let regs = t.regs.with_restart_applied(Resume::Fresh);
     sys::ptrace_setregs(tid, &regs).map_err(ptrace_err("PTRACE_SETREGS"))?;
     sys::ptrace_set_sigmask(tid, t.blocked).map_err(ptrace_err("PTRACE_SETSIGMASK"))?;
-    sys::ptrace_detach(tid, 0).map_err(ptrace_err("PTRACE_DETACH"))?;
+    sys::ptrace_detach(tid, sig).map_err(ptrace_err("PTRACE_DETACH"))?;
     debug!(%tid, rip = format!("{:#x}", regs.rip), cs = format!("{:#x}", regs.cs), "released");
     Ok(())
 }
