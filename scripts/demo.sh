@@ -10,7 +10,7 @@ say() { printf '\n== %s\n' "$*"; }
 say "Installing what is missing and building cryopod"
 ./scripts/setup.sh
 cargo build --release -q
-cryopod=$PWD/target/release/cryopod
+cryopod=${CARGO_TARGET_DIR:-$PWD/target}/release/cryopod
 work=$PWD/target/demo
 rm -rf "$work"
 mkdir -p "$work"
@@ -28,7 +28,11 @@ start_alone() {
 }
 
 restored_pid=""
-cleanup() { [ -z "$restored_pid" ] || kill -9 "$restored_pid" 2>/dev/null || true; }
+cleanup() {
+	for p in "${pid:-}" "$restored_pid"; do
+		[ -z "$p" ] || kill -9 "$p" 2>/dev/null || true
+	done
+}
 trap cleanup EXIT
 
 for bits in 64 32; do
@@ -66,6 +70,7 @@ for bits in 64 32; do
 	echo "it counts on: now at $(tail -n 1 "$dir/count")"
 	kill -9 "$restored_pid"
 	restored_pid=""
+	pid=""
 
 	say "${bits}-bit: checking the file: every number once, in order"
 	if awk 'NR != $1 { printf "line %d holds %s\n", NR, $1; bad = 1; exit 1 } END { exit bad }' "$dir/count"; then
