@@ -8,27 +8,16 @@
 #[macro_use]
 mod common;
 
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::{
     TestDir, assert_consecutive, count_lines, kill, pid_exists, read_counter, spawn_restore,
     wait_for, wait_timeout,
 };
-
-fn start_in(dir: &TestDir, cmd: &mut Command) -> Child {
-    let log = File::create(dir.join("log")).unwrap();
-    common::only_std_fds(cmd)
-        .current_dir(&dir.path)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {cmd:?}: {e} (run scripts/setup.sh)"))
-}
 
 /// `pid` and all its descendants.
 fn tree_of(pid: u32) -> Vec<u32> {
@@ -136,7 +125,7 @@ fn busybox_pipeline_32bit() {
     // buffered in it; the reading loop must see every number once.
     let script =
         "busybox seq 1 1000000 | while read i; do echo $i >> out; busybox usleep 2000; done";
-    let child = start_in(
+    let child = common::start_in(
         &dir,
         Command::new("/bin/busybox").args(["sh", "-c", script]),
     );
@@ -157,7 +146,7 @@ fn python3_multiprocessing_pool() {
                                   f.write(''.join(f'{r}\\n' for r in res))\n            \
                               i += 3\n            \
                               time.sleep(0.02)\n";
-    let child = start_in(&dir, Command::new("/usr/bin/python3").args(["-c", script]));
+    let child = common::start_in(&dir, Command::new("/usr/bin/python3").args(["-c", script]));
     dump_restore_tree(&dir, child, &dir.join("out"), 4);
 }
 
@@ -167,7 +156,7 @@ fn busybox_fifo_32bit() {
     // A named pipe between two processes, filled ahead of the reader.
     let script = "busybox mkfifo f; busybox seq 1 1000000 > f & \
                   while read i; do echo $i >> out; busybox usleep 2000; done < f";
-    let child = start_in(
+    let child = common::start_in(
         &dir,
         Command::new("/bin/busybox").args(["sh", "-c", script]),
     );
@@ -196,7 +185,7 @@ fn python_socketpair(kind: &str) {
                           a.send(b'%d\\n' % i)\n        \
                           i += 1\n        \
                           time.sleep(0.001 if i < 400 else 0.004)\n";
-    let child = start_in(
+    let child = common::start_in(
         &dir,
         Command::new("/usr/bin/python3").args(["-c", script, kind]),
     );

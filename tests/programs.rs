@@ -4,28 +4,15 @@
 #[macro_use]
 mod common;
 
-use std::fs::File;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::{
     Fixture, TestDir, assert_consecutive, count_lines, kill, pid_exists, read_counter,
     spawn_restore, wait_for, wait_timeout,
 };
-
-/// Starts `cmd` with cwd `dir`, stdin /dev/null and output to dir/log.
-fn start_in(dir: &TestDir, cmd: &mut Command) -> Child {
-    let log = File::create(dir.join("log")).unwrap();
-    common::only_std_fds(cmd)
-        .current_dir(&dir.path)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {cmd:?}: {e} (run scripts/setup.sh)"))
-}
 
 /// Dumps the program writing `counter` once it has counted a few lines,
 /// restores it, lets it count on, kills it and checks the sequence.
@@ -87,7 +74,7 @@ fn busybox_sh_32bit() {
     // are not supported yet. A builtin busy loop paces the counter instead.
     let script = "i=0; while :; do i=$((i+1)); echo $i >> out; \
                   j=0; while [ $j -lt 20000 ]; do j=$((j+1)); done; done";
-    let child = start_in(&dir, Command::new(busybox).args(["sh", "-c", script]));
+    let child = common::start_in(&dir, Command::new(busybox).args(["sh", "-c", script]));
     dump_restore_counting(&dir, child, &dir.join("out"));
 }
 
@@ -101,7 +88,7 @@ fn python3_64bit() {
                       with open('out', 'a') as f:\n        \
                           f.write(f'{i}\\n')\n    \
                       time.sleep(0.05)\n";
-    let child = start_in(&dir, Command::new("/usr/bin/python3").args(["-c", script]));
+    let child = common::start_in(&dir, Command::new("/usr/bin/python3").args(["-c", script]));
     dump_restore_counting(&dir, child, &dir.join("out"));
 }
 
@@ -109,7 +96,7 @@ both_widths!(counter, |w| {
     let dir = TestDir::new(&format!("counter-{}", w.bits()));
     let counter = dir.join("out");
     let exe = common::fixture("counter", w);
-    let child = start_in(&dir, Command::new(exe).arg(&counter).arg("20"));
+    let child = common::start_in(&dir, Command::new(exe).arg(&counter).arg("20"));
     dump_restore_counting(&dir, child, &counter);
 });
 
@@ -148,7 +135,7 @@ fn python3_threads_64bit() {
                       t.start()\n\
                   for t in ts:\n    \
                       t.join()\n";
-    let mut child = start_in(&dir, Command::new("/usr/bin/python3").args(["-c", script]));
+    let mut child = common::start_in(&dir, Command::new("/usr/bin/python3").args(["-c", script]));
     let pid = child.id();
     let files: Vec<_> = (0..3).map(|n| dir.join(&format!("out{n}"))).collect();
     assert!(

@@ -208,6 +208,19 @@ pub fn assert_running_untraced(pid: u32) {
     }
 }
 
+/// Starts `cmd` with cwd `dir`, stdin /dev/null, output to dir/log and
+/// only fds 0-2.
+pub fn start_in(dir: &TestDir, cmd: &mut Command) -> Child {
+    let log = File::create(dir.join("log")).unwrap();
+    only_std_fds(cmd)
+        .current_dir(&dir.path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e} (run scripts/setup.sh)"))
+}
+
 /// Makes `cmd` start with only fds 0-2. The test runner hands its children
 /// more (cargo's jobserver pipe, for one), and the processes we dump must
 /// hold only what the fixture protocol gives them: pipes cannot be dumped.
