@@ -133,6 +133,12 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 pub fn read_inventory(dir: &Path) -> Result<Inventory> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::image(
+            dir,
+            "not a directory (an image is a directory)",
+        ));
+    }
     if !dir.is_dir() {
         return Err(Error::image(dir, "no such image directory"));
     }
@@ -203,8 +209,10 @@ pub fn open_pages(dir: &Path, task: &TaskImage) -> Result<File> {
     let path = pages_path(dir, task.pid);
     let mut f = File::open(&path).map_err(|e| Error::image_io(&path, e))?;
     let mut head = [0u8; 24];
-    f.read_exact(&mut head)
-        .map_err(|e| Error::image_io(&path, e))?;
+    f.read_exact(&mut head).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::image(&path, "truncated: no complete header"),
+        _ => Error::image_io(&path, e),
+    })?;
     if &head[..8] != PAGES_MAGIC {
         return Err(Error::image(&path, "not a cryopod pages file (bad magic)"));
     }
