@@ -118,3 +118,22 @@ both_widths!(restore_refuses_a_pid_in_use, |w| {
     assert_running_untraced(fx.pid);
     fx.kill_original();
 });
+
+both_widths!(restore_refuses_damaged_page_data, |w| {
+    let mut fx = Fixture::start("memory", w, &[]);
+    fx.dump(&[]);
+    let pages = fx.img().join(format!("pages-{}.img", fx.pid));
+    let mut bytes = fs::read(&pages).unwrap();
+    // A byte of page data, past the 4096-byte header.
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x5a;
+    fs::write(&pages, &bytes).unwrap();
+    let img = fx.img();
+    let run = cryopod(fx.log_dir(), &["restore", "-D", img.to_str().unwrap()]);
+    run.assert_clean_error(&[&format!("pages-{}.img", fx.pid), "checksum"]);
+    assert!(
+        !common::pid_exists(fx.pid),
+        "a refused restore left pid {} behind",
+        fx.pid
+    );
+});

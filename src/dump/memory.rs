@@ -89,7 +89,7 @@ pub fn write_pages(
     runs: &[PageRun],
     total: u64,
     writer: &mut ImageWriter,
-) -> Result<()> {
+) -> Result<u32> {
     let path = image::pages_path(writer.dir(), pid);
     let file = writer.create(&path)?;
     let io_err = |e| Error::image_io(&path, e);
@@ -114,6 +114,7 @@ pub fn write_pages(
         pieces: Vec::new(),
         filled: 0,
         file_off: PAGE_SIZE,
+        crc: crc32fast::Hasher::new(),
     };
     let mut mem: Option<File> = None;
     let mem_path = format!("/proc/{pid}/mem");
@@ -142,6 +143,7 @@ pub fn write_pages(
                 }
                 file.write_all_at(&stage.buf[..n], stage.file_off)
                     .map_err(io_err)?;
+                stage.crc.update(&stage.buf[..n]);
                 stage.file_off += n as u64;
                 bar.inc(n as u64);
             } else {
@@ -154,7 +156,7 @@ pub fn write_pages(
     bar.inc(stage.flush()? as u64);
     bar.finish_and_clear();
     debug!(%pid, pages = total, runs = runs.len(), "pages written");
-    Ok(())
+    Ok(stage.crc.finalize())
 }
 
 /// The staging buffer and the pieces of task memory waiting to fill it.
@@ -167,6 +169,8 @@ struct Stage<'a> {
     pieces: Vec<Transfer>,
     filled: usize,
     file_off: u64,
+    /// CRC-32 of everything written after the header, in file order.
+    crc: crc32fast::Hasher,
 }
 
 impl Stage<'_> {
@@ -186,6 +190,7 @@ impl Stage<'_> {
             return Ok(0);
         }
         copy_batch(self.pid, &self.pieces, self.filled)?;
+        self.crc.update(&self.buf[..self.filled]);
         self.file
             .write_all_at(&self.buf[..self.filled], self.file_off)
             .map_err(|e| Error::image_io(self.path, e))?;

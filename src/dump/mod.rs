@@ -212,7 +212,7 @@ fn dump_process(
     let mut mm = proc::mm_state(pid)?;
     mm.brk = inside.brk;
     let (pages, page_count) = memory::plan(pid, &vmas)?;
-    memory::write_pages(pid, &vmas, &pages, page_count, writer)?;
+    let pages_crc = memory::write_pages(pid, &vmas, &pages, page_count, writer)?;
 
     let task = TaskImage {
         pid,
@@ -231,6 +231,7 @@ fn dump_process(
         vmas,
         pages,
         page_count,
+        pages_crc,
         files,
         rlimits: proc::rlimits(pid)?,
         personality: proc::personality(pid)?,

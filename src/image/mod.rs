@@ -15,7 +15,7 @@
 //! Page data (`pages-PID.img`) is raw: one 4096-byte header page (magic
 //! `CRYOPAGE`, version, pid, page count), then the pages, each at a
 //! page-aligned offset so that restore can map or read them straight into
-//! place. Every file is written as `NAME.part` and renamed when the whole
+//! place; its CRC-32 is kept in the task image and checked before restore. Every file is written as `NAME.part` and renamed when the whole
 //! image is complete; the inventory goes last.
 
 pub mod types;
@@ -233,6 +233,28 @@ pub fn open_pages(dir: &Path, task: &TaskImage) -> Result<File> {
             &path,
             format!(
                 "holds {size} bytes ({count} pages in header), task image expects {want} bytes"
+            ),
+        ));
+    }
+    // Page data is checked like metadata, before anything is made: a flipped
+    // byte would otherwise be restored silently into the process.
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = PAGE_SIZE;
+    while at < size {
+        let n = buf.len().min((size - at) as usize);
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf[..n], at)
+            .map_err(|e| Error::image_io(&path, e))?;
+        crc.update(&buf[..n]);
+        at += n as u64;
+    }
+    let computed = crc.finalize();
+    if computed != task.pages_crc {
+        return Err(Error::image(
+            &path,
+            format!(
+                "page data checksum mismatch (stored {:#010x}, computed {computed:#010x})",
+                task.pages_crc
             ),
         ));
     }

@@ -47,6 +47,8 @@ pub struct TaskImage {
     pub pages: Vec<PageRun>,
     /// Total pages in `pages-PID.img` after its header page.
     pub page_count: u64,
+    /// CRC-32 of the pages file after its header page.
+    pub pages_crc: u32,
     pub files: FileState,
     pub rlimits: Vec<Rlimit>,
     pub personality: u32,
