@@ -96,6 +96,15 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `waitpid(pid, __WALL)` with the failure named: the wait status.
+pub fn wait(pid: Pid) -> Result<i32> {
+    crate::sys::waitpid(pid, 0).map_err(|source| Error::Sys {
+        call: "waitpid",
+        pid,
+        source,
+    })
+}
+
 impl Error {
     pub fn proc(path: impl Into<PathBuf>, source: io::Error) -> Error {
         Error::Proc {

@@ -162,11 +162,7 @@ impl Injector {
         self.wait_syscall_stop()?;
         sys::ptrace_syscall(pid, 0).map_err(|e| ptrace_err("PTRACE_SYSCALL", e))?;
         loop {
-            let status = sys::waitpid(pid, 0).map_err(|source| Error::Sys {
-                call: "waitpid",
-                pid,
-                source,
-            })?;
+            let status = crate::error::wait(pid)?;
             if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
                 return Ok(());
             }
@@ -195,11 +191,7 @@ impl Injector {
     fn wait_syscall_stop(&self) -> Result<()> {
         let pid = self.pid;
         loop {
-            let status = sys::waitpid(pid, 0).map_err(|source| Error::Sys {
-                call: "waitpid",
-                pid,
-                source,
-            })?;
+            let status = crate::error::wait(pid)?;
             if !libc::WIFSTOPPED(status) {
                 return Err(Error::UnexpectedStop {
                     pid,

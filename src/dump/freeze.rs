@@ -56,11 +56,7 @@ impl Frozen {
             source,
         })?;
         loop {
-            let status = sys::waitpid(pid, 0).map_err(|source| Error::Sys {
-                call: "waitpid",
-                pid,
-                source,
-            })?;
+            let status = crate::error::wait(pid)?;
             if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
                 // It exited between the seize and the stop: nothing to
                 // detach from, nothing to dump.

@@ -386,11 +386,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Outcome> {
     if opts.detached {
         return Ok(Outcome::Detached(pid));
     }
-    let status = sys::waitpid(pid, 0).map_err(|source| Error::Sys {
-        call: "waitpid",
-        pid,
-        source,
-    })?;
+    let status = crate::error::wait(pid)?;
     Ok(Outcome::Exited(if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else {

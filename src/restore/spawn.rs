@@ -124,11 +124,7 @@ pub fn spawn(
             problem: format!("clone3 gave pid {got}"),
         });
     }
-    let status = sys::waitpid(got, 0).map_err(|source| Error::Sys {
-        call: "waitpid",
-        pid: got,
-        source,
-    })?;
+    let status = crate::error::wait(got)?;
     if !(libc::WIFSTOPPED(status) && libc::WSTOPSIG(status) == libc::SIGTRAP) {
         let why = if abi == Abi::Ia32 {
             " (is IA32 emulation enabled in this kernel?)"
@@ -199,11 +195,7 @@ pub fn fork_with(
             problem: format!("child {child} was forked as {got}"),
         });
     }
-    let status = sys::waitpid(child, 0).map_err(|source| Error::Sys {
-        call: "waitpid",
-        pid: child,
-        source,
-    })?;
+    let status = crate::error::wait(child)?;
     if !libc::WIFSTOPPED(status) {
         return Err(Error::UnexpectedStop {
             pid: child,

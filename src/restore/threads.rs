@@ -54,11 +54,7 @@ pub fn create<'a>(b: &'a Builder) -> Result<Vec<Thread<'a>>> {
                 problem: format!("thread {} was created as {got}", t.tid),
             });
         }
-        let status = sys::waitpid(t.tid, 0).map_err(|source| Error::Sys {
-            call: "waitpid",
-            pid: t.tid,
-            source,
-        })?;
+        let status = crate::error::wait(t.tid)?;
         if !libc::WIFSTOPPED(status) {
             return Err(Error::UnexpectedStop {
                 pid: t.tid,
